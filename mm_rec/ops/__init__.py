@@ -1,0 +1,55 @@
+"""The two recurrences of an MM-Rec block, each as a sequential reference (`*_naive`) and a parallel
+chunked PyTorch form (`*_chunked`); GPU kernels plug in through `short_term_memory` and
+`long_term_memory`, which pick the fastest path available for the inputs' device.
+
+    short-term:  h_t = exp(log_a_t) * h_{t-1} + x_t                        [B, T, D]
+    long-term:   M_t = diag(exp(log_alpha_t)) M_{t-1} + k_t^T v_t,  o_t = scale * q_t M_t
+"""
+from __future__ import annotations
+
+import torch
+
+from .long_term import long_term_chunked, long_term_naive
+from .short_term import short_term_chunked, short_term_naive
+
+# Registered by mm_rec.ops.triton (or another GPU backend) when it imports on a CUDA machine.
+_GPU_BACKENDS: dict = {}
+
+
+def register_gpu_backend(name: str, short_term=None, long_term=None) -> None:
+    _GPU_BACKENDS[name] = {"short_term": short_term, "long_term": long_term}
+
+
+def _gpu_impl(kind: str, tensor: torch.Tensor, allow_kernels: bool):
+    if not (allow_kernels and tensor.is_cuda):
+        return None
+    if not _GPU_BACKENDS:
+        try:  # optional: only present with the GPU extra installed
+            from . import gpu  # noqa: F401
+        except Exception:
+            return None
+    for impls in _GPU_BACKENDS.values():
+        if impls.get(kind) is not None:
+            return impls[kind]
+    return None
+
+
+def short_term_memory(x, log_a, h0=None, chunk_size: int = 64, allow_kernels: bool = True):
+    impl = _gpu_impl("short_term", x, allow_kernels)
+    if impl is not None:
+        return impl(x, log_a, h0)
+    return short_term_chunked(x, log_a, h0, chunk_size=chunk_size)
+
+
+def long_term_memory(q, k, v, log_alpha, M0=None, scale=None, chunk_size: int = 16,
+                     allow_kernels: bool = True):
+    impl = _gpu_impl("long_term", q, allow_kernels)
+    if impl is not None:
+        return impl(q, k, v, log_alpha, M0, scale)
+    return long_term_chunked(q, k, v, log_alpha, M0, scale=scale, chunk_size=chunk_size)
+
+
+__all__ = [
+    "short_term_naive", "short_term_chunked", "long_term_naive", "long_term_chunked",
+    "short_term_memory", "long_term_memory", "register_gpu_backend",
+]

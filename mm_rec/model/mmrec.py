@@ -1,0 +1,163 @@
+"""MMRec100M: the modular model (ARCHITECTURE.md, "The modular model").
+
+    input_ids [B, T] -> shared Embedding(vocab, d)
+               |- Text expert: blocks + RMSNorm -> t [B, T, d]
+               '- Code expert: blocks + RMSNorm -> c [B, T, d]
+    f = [t ; c]  (FusionLayer([t ; c]) when use_fusion)  ->  logits = LMHead(RMSNorm(f))
+
+With expert_type="text" only the text expert runs and the code half of f is zeros (and vice versa).
+Memory states are {"text": [{"h", "M"} per layer], "code": [...]}, holding the experts that ran;
+a missing expert or None starts from zeros.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import MMRecConfig
+from .expert import ExpertModule
+from .fusion import FusionLayer
+from .norms import RMSNorm
+
+EXPERT_TYPES = (None, "text", "code", "fused")
+
+
+class MMRec100M(nn.Module):
+    def __init__(self, vocab_size: int = 32000, expert_dim: int = 256, num_layers: int = 16,
+                 num_heads: int = 8, ffn_dim: int = 3072, config: MMRecConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = MMRecConfig(vocab_size=vocab_size, expert_dim=expert_dim, num_layers=num_layers,
+                                 num_heads=num_heads, ffn_dim=ffn_dim, **kwargs)
+        self.config = config
+        d = config.expert_dim
+        self.embedding = nn.Embedding(config.vocab_size, d)
+        self.experts = nn.ModuleDict({name: ExpertModule(config) for name in config.expert_names})
+        self.fusion = FusionLayer(config.model_dim, config.fusion_method)
+        self.norm = RMSNorm(config.model_dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        self.use_fusion = config.use_fusion
+        self.use_gradient_checkpointing = False
+        self._use_kernel_fusion = True
+        self.reset_parameters()
+
+    # -- switches --------------------------------------------------------------------------------
+    @property
+    def use_kernel_fusion(self) -> bool:
+        """Fused input projection and, on CUDA, the fused recurrence kernels (default True).
+        False runs the same maths as separate projections and the plain PyTorch recurrences."""
+        return self._use_kernel_fusion
+
+    @use_kernel_fusion.setter
+    def use_kernel_fusion(self, value: bool) -> None:
+        self._use_kernel_fusion = bool(value)
+        for expert in self.experts.values():
+            for block in expert.blocks:
+                block.use_kernel_fusion = self._use_kernel_fusion
+
+    @property
+    def text_expert(self) -> ExpertModule:
+        return self.experts["text"]
+
+    @property
+    def code_expert(self) -> ExpertModule:
+        return self.experts["code"]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        nn.init.normal_(self.embedding.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        for expert in self.experts.values():
+            for block in expert.blocks:
+                block.reset_parameters()
+        self.fusion.reset_parameters()
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _experts_for(self, expert_type):
+        if expert_type not in EXPERT_TYPES:
+            raise ValueError(f"expert_type must be None, 'text', 'code' or 'fused', got {expert_type!r}")
+        return self.config.expert_names if expert_type in (None, "fused") else (expert_type,)
+
+    def _head(self, features: dict, like: torch.Tensor) -> torch.Tensor:
+        zeros = None
+        parts = []
+        for name in self.config.expert_names:
+            if name in features:
+                parts.append(features[name])
+            else:
+                if zeros is None:
+                    zeros = torch.zeros_like(next(iter(features.values())))
+                parts.append(zeros)
+        f = torch.cat(parts, dim=-1)
+        if self.use_fusion:
+            f = self.fusion(f)
+        return self.lm_head(self.norm(f))
+
+    def _forward_span(self, input_ids, active, memory_states):
+        x = self.embedding(input_ids)
+        features, new_states = {}, {}
+        ckpt = self.use_gradient_checkpointing and self.training
+        for name in active:
+            states = None if memory_states is None else memory_states.get(name)
+            features[name], new_states[name] = self.experts[name](x, states, gradient_checkpointing=ckpt)
+        return self._head(features, x), new_states
+
+    def forward(self, input_ids: torch.Tensor, expert_type: str | None = None, memory_states: dict | None = None,
+                chunk_size: int | None = None, return_memory: bool = False):
+        """input_ids [B, T] -> logits [B, T, vocab] (and the final memory states if return_memory).
+
+        chunk_size=N runs the sequence N tokens at a time carrying the memory states: the same
+        logits, with activation memory bounded by the chunk. Inputs longer than
+        config.max_unchunked_len are chunked automatically.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        active = self._experts_for(expert_type)
+        T = input_ids.shape[1]
+        if chunk_size is None and T > self.config.max_unchunked_len:
+            chunk_size = self.config.max_unchunked_len
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if chunk_size is None or chunk_size >= T:
+            logits, states = self._forward_span(input_ids, active, memory_states)
+        else:
+            pieces, states = [], memory_states
+            for start in range(0, T, chunk_size):
+                piece, states = self._forward_span(input_ids[:, start:start + chunk_size], active, states)
+                pieces.append(piece)
+            logits = torch.cat(pieces, dim=1)
+        return (logits, states) if return_memory else logits
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, memory_states: dict | None = None, expert_type: str | None = None):
+        """One token per sequence: input_ids [B] (or [B, 1]) -> (logits [B, vocab], new states).
+
+        Costs the same whatever the length of the context held in memory_states.
+        """
+        if input_ids.dim() == 2:
+            input_ids = input_ids[:, 0]
+        x = self.embedding(input_ids)
+        features, new_states = {}, {}
+        for name in self._experts_for(expert_type):
+            states = None if memory_states is None else memory_states.get(name)
+            features[name], new_states[name] = self.experts[name].step(x, states)
+        return self._head(features, x), new_states
+
+    def init_memory_states(self, batch_size: int, expert_type: str | None = None, device=None,
+                           dtype=torch.float32) -> dict:
+        return {name: [b.init_state(batch_size, device, dtype) for b in self.experts[name].blocks]
+                for name in self._experts_for(expert_type)}
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def get_expert_params(self) -> dict:
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        parts = {name: count(expert) for name, expert in self.experts.items()}
+        parts.update(fusion=count(self.fusion), embedding=count(self.embedding),
+                     lm_head=count(self.lm_head), final_norm=count(self.norm))
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def get_num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embedding.weight.numel() if non_embedding else n
