@@ -1,0 +1,108 @@
+"""Checkpoints: the guide's format, written atomically, loaded safely.
+
+A checkpoint `checkpoint_{stage}_step_{N}.pt` is a plain dict of tensors and Python scalars (no
+pickled objects), so `torch.load(path, weights_only=True)` reads it. Keys: model_state_dict,
+optimizer_state_dict, scheduler_state_dict, step, loss, stage, config (model config dict), plus
+train_args, rng (torch CPU/CUDA RNG states), data_position and stage_completed.
+
+Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
+final name: a crash mid-save leaves the previous checkpoints untouched and no partial file under a
+final name.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..utils.errors import UserError
+
+STAGE_ORDER = ("stage1", "stage2", "stage3")
+_NAME = re.compile(r"^checkpoint_(stage[123])_step_(\d+)\.pt$")
+
+
+def checkpoint_name(stage: str, step: int) -> str:
+    return f"checkpoint_{stage}_step_{step}.pt"
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Atomically write `state` to `path` (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint with weights_only=True; a missing or unreadable file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle opcode, not a torch file at all ...
+        raise UserError(f"checkpoint {path} is corrupt or not an MM-Rec checkpoint ({type(e).__name__}); "
+                        f"pick another with --resume_from") from None
+    if not isinstance(state, dict) or "model_state_dict" not in state:
+        raise UserError(f"checkpoint {path} has no model_state_dict; it is not an MM-Rec training checkpoint")
+    return state
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoints in `directory`, oldest first by (stage, step)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_file():
+            found.append((STAGE_ORDER.index(m.group(1)), int(m.group(2)), p))
+    return [p for _, _, p in sorted(found)]
+
+
+def newest_valid_checkpoint(directory: str | os.PathLike, map_location="cpu"):
+    """(path, state) of the newest checkpoint that loads, skipping corrupt ones; (None, None) if none."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except UserError:
+            continue
+    return None, None
+
+
+def prune_checkpoints(directory: str | os.PathLike, stage: str, keep_last: int) -> None:
+    """Keep the newest `keep_last` mid-stage checkpoints of `stage` (0 or less keeps all)."""
+    if keep_last <= 0:
+        return
+    ours = [p for p in list_checkpoints(directory) if _NAME.match(p.name).group(1) == stage]
+    for p in ours[:-keep_last]:
+        p.unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
