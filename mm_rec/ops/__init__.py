@@ -7,12 +7,29 @@ chunked PyTorch form (`*_chunked`); GPU kernels plug in through `short_term_memo
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .long_term import long_term_chunked, long_term_naive
 from .short_term import short_term_chunked, short_term_naive
 
-# Registered by mm_rec.ops.triton (or another GPU backend) when it imports on a CUDA machine.
+# When True, every call runs the sequential reference loops (tests, timing comparisons).
+_REFERENCE_MODE = False
+
+
+@contextlib.contextmanager
+def reference_mode(enabled: bool = True):
+    """Run the model's recurrences with the token-by-token reference loops inside this block."""
+    global _REFERENCE_MODE
+    previous, _REFERENCE_MODE = _REFERENCE_MODE, enabled
+    try:
+        yield
+    finally:
+        _REFERENCE_MODE = previous
+
+
+# Registered by mm_rec.ops.gpu (or another GPU backend) when it imports on a CUDA machine.
 _GPU_BACKENDS: dict = {}
 
 
@@ -35,6 +52,8 @@ def _gpu_impl(kind: str, tensor: torch.Tensor, allow_kernels: bool):
 
 
 def short_term_memory(x, log_a, h0=None, chunk_size: int = 64, allow_kernels: bool = True):
+    if _REFERENCE_MODE:
+        return short_term_naive(x, log_a, h0)
     impl = _gpu_impl("short_term", x, allow_kernels)
     if impl is not None:
         return impl(x, log_a, h0)
@@ -43,6 +62,8 @@ def short_term_memory(x, log_a, h0=None, chunk_size: int = 64, allow_kernels: bo
 
 def long_term_memory(q, k, v, log_alpha, M0=None, scale=None, chunk_size: int = 16,
                      allow_kernels: bool = True):
+    if _REFERENCE_MODE:
+        return long_term_naive(q, k, v, log_alpha, M0, scale=scale)
     impl = _gpu_impl("long_term", q, allow_kernels)
     if impl is not None:
         return impl(q, k, v, log_alpha, M0, scale)
@@ -51,5 +72,5 @@ def long_term_memory(q, k, v, log_alpha, M0=None, scale=None, chunk_size: int = 
 
 __all__ = [
     "short_term_naive", "short_term_chunked", "long_term_naive", "long_term_chunked",
-    "short_term_memory", "long_term_memory", "register_gpu_backend",
+    "short_term_memory", "long_term_memory", "register_gpu_backend", "reference_mode",
 ]
