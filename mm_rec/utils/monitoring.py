@@ -1,0 +1,275 @@
+"""Training monitors (guide §5.1, §5.4, §7): notice numerical trouble and recover from it.
+
+    hooks = create_monitoring_hooks(model, checkpoint_dir="./checkpoints")
+    if not hooks["stability_monitor"].check_outputs({"loss": loss, "grad_norm": gn}, step):
+        success, path = hooks["recovery"].recover(model, optimizer, scheduler)
+    norms = hooks["memory_hook"](memory_states, step)     # {"text/layer_0/h": ..., "all/M_max": ...}
+
+- `StabilityMonitor` says whether every tensor or number it is given is finite and counts
+  consecutive failures.
+- `MemoryNormHook` measures the short-term (h) and long-term (M) memory states per expert and layer
+  and warns when a norm leaves [0.001, 100].
+- `RecoveryManager` restores the newest checkpoint that loads (corrupt files are skipped),
+  multiplies the learning rate by 0.5 and gives up after 3 attempts per run.
+
+Recovery drills: `MMREC_INJECT_NAN_AT_STEP=k` makes the trainer's loss at step k NaN once, and
+`corrupt_checkpoint(path)` damages a checkpoint file so that it no longer loads (mlops/README.md).
+
+Warnings and errors go to the `logging` logger "mm_rec.monitoring".
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ..training.checkpoint import newest_valid_checkpoint
+
+LOGGER_NAME = "mm_rec.monitoring"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP/DataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """Keys saved from a wrapped model ("module.", "_orig_mod.") mapped to the plain model's keys."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+# -- stability -----------------------------------------------------------------------------------
+class StabilityMonitor:
+    """Finite-ness check of a step's outputs, with a count of consecutive failures.
+
+    `check_outputs(outputs, step)` returns False when any value (a tensor of any shape, or a Python
+    number) holds NaN or Inf, and records the offending keys in `last_bad_keys`. When
+    `consecutive_failures` reaches `failure_threshold` an error is logged once for that streak; a
+    finite step resets the streak. Each tensor costs one `isfinite(...).all()` and one host sync.
+    """
+
+    def __init__(self, failure_threshold: int = 3, logger: logging.Logger | None = None):
+        self.failure_threshold = int(failure_threshold)
+        self.log = logger or logging.getLogger(LOGGER_NAME)
+        self.consecutive_failures = 0
+        self.total_failures = 0
+        self.last_bad_keys: list[str] = []
+        self.last_bad_step: int | None = None
+
+    @staticmethod
+    def _is_finite(value) -> bool:
+        if isinstance(value, torch.Tensor):
+            if value.numel() == 0:
+                return True
+            if not (value.is_floating_point() or value.is_complex()):
+                return True  # integer tensors cannot hold NaN/Inf
+            return bool(torch.isfinite(value.detach()).all())
+        return math.isfinite(float(value))
+
+    def check_outputs(self, outputs: dict, step: int) -> bool:
+        bad = [key for key, value in outputs.items() if value is not None and not self._is_finite(value)]
+        if not bad:
+            self.consecutive_failures = 0
+            return True
+        self.consecutive_failures += 1
+        self.total_failures += 1
+        self.last_bad_keys = bad
+        self.last_bad_step = step
+        self.log.warning("step %s: non-finite %s (consecutive failures: %d)",
+                         step, ", ".join(bad), self.consecutive_failures)
+        if self.consecutive_failures == self.failure_threshold:
+            self.log.error("step %s: %d consecutive non-finite steps (threshold %d); training is unstable",
+                           step, self.consecutive_failures, self.failure_threshold)
+        return False
+
+    def reset(self) -> None:
+        self.consecutive_failures = 0
+
+
+# -- memory norms --------------------------------------------------------------------------------
+class MemoryNormHook:
+    """Norms of the memory states a forward pass returned (`model(ids, return_memory=True)`).
+
+    `hook(memory_states, step)` takes {"text": [{"h": [B, d], "M": [B, H, dh, dh]} per layer],
+    "code": [...]} (experts that did not run are simply absent) and returns a flat dict of floats:
+
+    - "{expert}/layer_{i}/h" = mean over the batch of the L2 norm of each sample's h,
+      i.e. `h.float().norm(dim=-1).mean()`;
+    - "{expert}/layer_{i}/M" = mean over the batch of the Frobenius norm of each sample's M taken over
+      all heads together, i.e. `M.float().flatten(1).norm(dim=-1).mean()`;
+    - "{expert}/h_mean", "{expert}/h_max", "{expert}/M_mean", "{expert}/M_max": mean and max of that
+      expert's per-layer values;
+    - "all/h_mean", "all/h_max", "all/M_mean", "all/M_max": the same over every expert and layer.
+
+    A norm above `high` (100) or below `low` (0.001) is logged as one warning line per call naming
+    the layers concerned. `last` holds the latest dict.
+    """
+
+    def __init__(self, high: float = 100.0, low: float = 1e-3, logger: logging.Logger | None = None):
+        self.high = float(high)
+        self.low = float(low)
+        self.log = logger or logging.getLogger(LOGGER_NAME)
+        self.last: dict[str, float] = {}
+
+    @torch.no_grad()
+    def __call__(self, memory_states: dict | None, step: int) -> dict[str, float]:
+        keys, norms = [], []
+        for expert, layers in (memory_states or {}).items():
+            for i, state in enumerate(layers or []):
+                if state is None:
+                    continue
+                for name, norm in (("h", lambda t: t.float().norm(dim=-1)),
+                                   ("M", lambda t: t.float().flatten(1).norm(dim=-1))):
+                    if state.get(name) is not None:
+                        keys.append((expert, i, name))
+                        norms.append(norm(state[name].detach()).mean())
+        if not norms:
+            self.last = {}
+            return {}
+        values = torch.stack([n.cpu() for n in norms]).tolist()  # one sync for the whole dict
+
+        out: dict[str, float] = {}
+        groups: dict[str, list[float]] = {}
+        for (expert, i, name), value in zip(keys, values):
+            out[f"{expert}/layer_{i}/{name}"] = value
+            groups.setdefault(f"{expert}/{name}", []).append(value)
+            groups.setdefault(f"all/{name}", []).append(value)
+        for group, vals in groups.items():
+            prefix, name = group.split("/")
+            out[f"{prefix}/{name}_mean"] = sum(vals) / len(vals)
+            out[f"{prefix}/{name}_max"] = max(vals)
+
+        anomalies = [f"{expert}/layer_{i}/{name}={value:.3g}" for (expert, i, name), value in zip(keys, values)
+                     if not (self.low <= value <= self.high)]
+        if anomalies:
+            shown = ", ".join(anomalies[:8]) + (f" (+{len(anomalies) - 8} more)" if len(anomalies) > 8 else "")
+            self.log.warning("step %s: memory norm outside [%g, %g]: %s", step, self.low, self.high, shown)
+        self.last = out
+        return out
+
+
+# -- recovery ------------------------------------------------------------------------------------
+class RecoveryManager:
+    """Roll back to the newest checkpoint that loads and continue at a lower learning rate.
+
+    `recover(model, optimizer, scheduler=None) -> (success, checkpoint_path)`:
+    1. gives up with (False, None) once `max_attempts` recoveries have been tried in this run;
+    2. finds the newest checkpoint in `checkpoint_dir` that loads (corrupt files are skipped);
+    3. loads its model, optimizer and (if given and saved) scheduler states;
+    4. sets the learning rate to `lr_factor` times the one in effect before the failure: the base LR
+       (param_group "initial_lr", scheduler.base_lrs) becomes lr_factor x the current base, and the
+       LR at the restored step follows. Measured against the current base rather than the
+       checkpoint's, so two recoveries to the same checkpoint give 0.25x, not 0.5x twice.
+
+    After a success: `lr_scale` is the cumulative factor of this run's recoveries (0.5, 0.25, ...),
+    `last_state` the loaded checkpoint dict (step, rng, data_position ... for the trainer) and
+    `history` the list of (checkpoint step, path). RNG and data position are left to the caller.
+    """
+
+    def __init__(self, checkpoint_dir: str | os.PathLike = "./checkpoints", max_attempts: int = 3,
+                 lr_factor: float = 0.5, logger: logging.Logger | None = None):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.max_attempts = int(max_attempts)
+        self.lr_factor = float(lr_factor)
+        self.log = logger or logging.getLogger(LOGGER_NAME)
+        self.attempts = 0
+        self.lr_scale = 1.0
+        self.last_state: dict | None = None
+        self.history: list[tuple[int | None, str]] = []
+
+    def recover(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                scheduler=None) -> tuple[bool, str | None]:
+        if self.attempts >= self.max_attempts:
+            self.log.error("cannot recover: all %d recovery attempts of this run are used up", self.max_attempts)
+            return False, None
+        self.attempts += 1
+        attempt = f"attempt {self.attempts}/{self.max_attempts}"
+
+        path, state = newest_valid_checkpoint(self.checkpoint_dir)
+        if path is None:
+            self.log.error("cannot recover (%s): no loadable checkpoint in %s", attempt, self.checkpoint_dir)
+            return False, None
+
+        # The base LR in effect now: the target is lr_factor times this, whatever the checkpoint holds.
+        if optimizer is not None:
+            current_base = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        try:
+            if optimizer is not None and "optimizer_state_dict" in state:
+                optimizer.load_state_dict(state["optimizer_state_dict"])  # validates groups before changing anything
+            _unwrap(model).load_state_dict(_strip_wrapper_prefixes(state["model_state_dict"]))
+            if scheduler is not None and state.get("scheduler_state_dict") is not None:
+                scheduler.load_state_dict(state["scheduler_state_dict"])
+        except (ValueError, RuntimeError, KeyError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.log.error("cannot recover (%s): checkpoint %s does not fit this model/optimizer: %s",
+                           attempt, path, first_line)
+            return False, None
+
+        if optimizer is not None:
+            for i, group in enumerate(optimizer.param_groups):
+                target_base = current_base[i] * self.lr_factor
+                loaded_base = group.get("initial_lr", group["lr"])
+                ratio = target_base / loaded_base if loaded_base > 0 else self.lr_factor
+                group["lr"] *= ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] = target_base
+                if scheduler is not None and hasattr(scheduler, "base_lrs") and i < len(scheduler.base_lrs):
+                    scheduler.base_lrs[i] = target_base
+            if scheduler is not None and hasattr(scheduler, "_last_lr"):
+                scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+        self.lr_scale *= self.lr_factor
+        self.last_state = state
+        step = state.get("step")
+        self.history.append((step, str(path)))
+        lr_text = "" if optimizer is None else f", lr now {optimizer.param_groups[0]['lr']:.3g}"
+        self.log.warning("recovered from %s (step %s, %s): learning rate x%g (cumulative x%g)%s",
+                         path, step, attempt, self.lr_factor, self.lr_scale, lr_text)
+        return True, str(path)
+
+
+def create_monitoring_hooks(model: torch.nn.Module, checkpoint_dir: str | os.PathLike = "./checkpoints",
+                            max_attempts: int = 3, lr_factor: float = 0.5, failure_threshold: int = 3,
+                            logger: logging.Logger | None = None) -> dict:
+    """The guide's hooks: {"stability_monitor", "memory_hook", "recovery"} (see the module docstring).
+
+    `model` is accepted for the guide's call signature; the hooks take the model where they need it.
+    """
+    logger = logger or logging.getLogger(LOGGER_NAME)
+    return {
+        "stability_monitor": StabilityMonitor(failure_threshold=failure_threshold, logger=logger),
+        "memory_hook": MemoryNormHook(logger=logger),
+        "recovery": RecoveryManager(checkpoint_dir, max_attempts=max_attempts, lr_factor=lr_factor, logger=logger),
+    }
+
+
+# -- drills --------------------------------------------------------------------------------------
+def corrupt_checkpoint(path: str | os.PathLike) -> Path:
+    """Damage a checkpoint so that `torch.load` (and `load_checkpoint`) fails on it: the zip header is
+    overwritten and the file cut to half its length, as a crash or a bad disk would leave it.
+    The file keeps its name, so `list_checkpoints` still sees it and recovery must skip it.
+
+        python -c "from mm_rec.utils.monitoring import corrupt_checkpoint; corrupt_checkpoint('ckpts/checkpoint_stage1_step_20.pt')"
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.write(b"\0CORRUPT" * 8)
+        f.truncate(max(64, size // 2))
+    return path
