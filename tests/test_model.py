@@ -1,0 +1,200 @@
+"""Whole-model properties of MMRec100M, in float64 on the CPU."""
+import pytest
+import torch
+
+from mm_rec import MMRec100M, MMRecConfig
+from mm_rec.ops import reference_mode
+
+F64 = torch.float64
+
+
+def tiny_model(seed=0, **overrides) -> MMRec100M:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=101, expert_dim=16, num_layers=2, num_heads=4, ffn_dim=32, chunk_size=8)
+    cfg.update(overrides)
+    model = MMRec100M(config=MMRecConfig(**cfg)).to(F64)
+    # Random (not zero-initialised) fusion and biases, so the properties are not met by accident.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def ids(B=2, T=300, vocab=101, seed=1):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def states_diff(s1, s2):
+    return max(max_diff(l1[k], l2[k]) for e in s1 for l1, l2 in zip(s1[e], s2[e]) for k in ("h", "M"))
+
+
+def test_default_config_has_90_to_100M_parameters():
+    with torch.device("meta"):
+        model = MMRec100M()  # vocab 32000, d 256, 16 layers, 8 heads, ffn 3072
+    parts = model.get_expert_params()
+    assert 90e6 <= model.get_num_params() <= 100e6
+    assert parts["total"] == model.get_num_params()
+    assert parts["text"] == parts["code"]
+    assert parts["embedding"] == 32000 * 256 and parts["lm_head"] == 512 * 32000
+    assert parts["fusion"] == 512 * 512 + 512
+
+
+@pytest.mark.parametrize("expert_type", [None, "text", "code"])
+def test_causal(expert_type):
+    model = tiny_model()
+    x = ids(T=120)
+    y = x.clone()
+    y[:, 70:] = (y[:, 70:] + 7) % 101
+    a, b = model(x, expert_type=expert_type), model(y, expert_type=expert_type)
+    assert max_diff(a[:, :70], b[:, :70]) == 0.0
+    assert max_diff(a[:, 70:], b[:, 70:]) > 1e-3  # later positions do see the change
+
+
+def test_parallel_forward_matches_sequential_reference():
+    model = tiny_model()
+    x = ids(T=90)
+    logits, states = model(x, return_memory=True)
+    with reference_mode():
+        ref_logits, ref_states = model(x, return_memory=True)
+    assert max_diff(logits, ref_logits) < 1e-10
+    assert states_diff(states, ref_states) < 1e-10
+
+
+@pytest.mark.parametrize("chunk_size", [7, 64, 256])
+def test_chunk_size_gives_unchunked_logits_and_states(chunk_size):
+    model = tiny_model(use_fusion=True)
+    x = ids(T=300)
+    full, full_states = model(x, return_memory=True)
+    chunked, chunked_states = model(x, chunk_size=chunk_size, return_memory=True)
+    assert max_diff(full, chunked) < 1e-10
+    assert states_diff(full_states, chunked_states) < 1e-10
+
+
+def test_long_inputs_are_chunked_automatically():
+    model = tiny_model(max_unchunked_len=50)
+    x = ids(T=130)
+    auto = model(x)
+    model.config.max_unchunked_len = 10_000
+    assert max_diff(auto, model(x)) < 1e-10
+
+
+@pytest.mark.parametrize("expert_type", [None, "text", "code"])
+def test_memory_states_continue_a_sequence(expert_type):
+    model = tiny_model()
+    x = ids(T=200)
+    full, full_states = model(x, expert_type=expert_type, return_memory=True)
+    first, states = model(x[:, :77], expert_type=expert_type, return_memory=True)
+    second, states = model(x[:, 77:], expert_type=expert_type, memory_states=states, return_memory=True)
+    assert max_diff(torch.cat([first, second], 1), full) < 1e-10
+    assert states_diff(states, full_states) < 1e-10
+
+
+@pytest.mark.parametrize("expert_type", [None, "text"])
+def test_single_token_step_reproduces_forward(expert_type):
+    model = tiny_model(use_fusion=True)
+    x = ids(T=40)
+    full, full_states = model(x, expert_type=expert_type, return_memory=True)
+    states, outs = None, []
+    for t in range(x.shape[1]):
+        logits, states = model.step(x[:, t], states, expert_type=expert_type)
+        outs.append(logits)
+    assert max_diff(torch.stack(outs, 1), full) < 1e-10
+    assert states_diff(states, full_states) < 1e-10
+    # and a step continues a parallel prefix
+    _, prefix_states = model(x[:, :25], expert_type=expert_type, return_memory=True)
+    logits, _ = model.step(x[:, 25], prefix_states, expert_type=expert_type)
+    assert max_diff(logits, full[:, 25]) < 1e-10
+
+
+def params_with_grad(model):
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("active,idle", [("text", "code"), ("code", "text")])
+def test_single_expert_leaves_the_other_without_gradient(active, idle):
+    model = tiny_model()
+    model(ids(T=50), expert_type=active).logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        if name.startswith(f"experts.{idle}."):
+            assert p.grad is None, name
+        if name.startswith(f"experts.{active}."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("method", ["concatenate", "weighted"])
+def test_both_experts_with_fusion_train_every_parameter(method):
+    model = tiny_model(use_fusion=True, fusion_method=method)
+    model(ids(T=50)).logsumexp(-1).mean().backward()
+    names = {n for n, _ in model.named_parameters()}
+    assert params_with_grad(model) == names
+
+
+@pytest.mark.parametrize("method", ["concatenate", "weighted"])
+def test_fusion_is_identity_at_initialisation(method):
+    torch.manual_seed(0)
+    cfg = MMRecConfig(vocab_size=101, expert_dim=16, num_layers=2, num_heads=4, ffn_dim=32, fusion_method=method)
+    model = MMRec100M(config=cfg).to(F64)
+    x = ids(T=60)
+    model.use_fusion = False
+    off = model(x)
+    model.use_fusion = True
+    on = model(x)
+    assert max_diff(on, off) < 1e-12
+    with torch.no_grad():
+        model.fusion.proj.weight.add_(0.1)
+    assert max_diff(model(x), off) > 1e-3  # the switch really routes through the fusion layer
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model(use_fusion=True)
+    x = ids(T=64)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(x).logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.train()
+    plain = grads()
+    model.use_gradient_checkpointing = True
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    assert max(max_diff(plain[n], checkpointed[n]) for n in plain) < 1e-12
+
+
+def test_kernel_fusion_switch_computes_the_same_function():
+    model = tiny_model()
+    x = ids(T=50)
+    fused = model(x)
+    model.use_kernel_fusion = False
+    assert all(not b.use_kernel_fusion for e in model.experts.values() for b in e.blocks)
+    assert max_diff(model(x), fused) < 1e-12
+
+
+def test_float32_and_bf16_autocast_agree_with_float64():
+    model = tiny_model()
+    x = ids(T=100)
+    ref = model(x)
+    model32 = model.float()
+    out32 = model32(x)
+    assert out32.dtype == torch.float32
+    assert max_diff(out32.double(), ref) < 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16, states = model32(x, return_memory=True)
+    assert states["text"][0]["M"].dtype == torch.float32  # carried states stay fp32
+    rel = ((out16.double() - ref).norm() / ref.norm()).item()
+    assert rel < 3e-2, rel
+
+
+def test_bad_arguments_raise():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="expert_type"):
+        model(ids(T=5), expert_type="music")
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids(T=5)[0])
+    with pytest.raises(ValueError, match="divisible"):
+        MMRecConfig(expert_dim=30, num_heads=4)
