@@ -1,0 +1,261 @@
+"""Batches of token windows from a prepared data directory.
+
+Training batches are random windows of seq_len + 1 tokens (x = first seq_len, y = last seq_len),
+packed across document boundaries and never padded. A batch is a pure function of
+(seed, split, kind, step, rank, world_size, batch_size, seq_len): resuming at step N gives
+exactly the batches an uninterrupted run would, with no sampler state to save.
+
+Data parallel: each domain's memmap is cut into world_size contiguous, equal token ranges and
+rank r draws whole windows inside range r only, so two ranks never share a window start or
+even a token. (Changing world_size on resume therefore changes the batches.)
+
+kind "mixed": row i of the global batch is text when its global row number
+g = (step * world_size + rank) * batch_size + i is even, code when odd. With an even batch
+size every batch is half text (even rows) and half code (odd rows); with batch_size 1 the
+domain alternates from step to step (and from rank to rank), so both domains get equal shares.
+
+Evaluation batches (`iter_eval_batches`) are the validation memmap cut into consecutive
+non-overlapping windows, always in the same order, so an evaluation loss is reproducible.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mm_rec.data.prepare import DOMAINS, META_FILE, META_FORMAT, SPLITS, TOKENIZER_FILE, bin_name
+from mm_rec.data.tokenizer import Tokenizer, check_vocab
+from mm_rec.utils.errors import UserError
+
+KINDS = ("mixed", "text", "code")
+_VALIDATE_CHUNK = 1 << 24  # tokens per chunk when scanning a memmap for out-of-range ids
+
+
+class TokenData:
+    """The four token memmaps of a prepared directory, with their meta.json.
+
+    vocab_size: the model's vocabulary; data whose tokenizer has more tokens is refused.
+    """
+
+    def __init__(self, data_dir, vocab_size: int | None = None):
+        self.data_dir = Path(data_dir)
+        meta_path = self.data_dir / META_FILE
+        if not meta_path.is_file():
+            raise UserError(f"{self.data_dir} is not a prepared data directory (no {META_FILE}); create it with "
+                            "python -m mm_rec.scripts.prepare_data --text ... --code ... --out DIR")
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{meta_path} is not valid JSON; re-run prepare_data for {self.data_dir}") from None
+        if self.meta.get("format") != META_FORMAT:
+            raise UserError(f"{meta_path} was not written by prepare_data; re-run prepare_data for {self.data_dir}")
+        self.vocab_size: int = int(self.meta["vocab_size"])
+        self.eot_id: int = int(self.meta["eot_id"])
+        self.dtype = np.dtype(self.meta["dtype"])
+        if vocab_size is not None:
+            check_vocab(self.vocab_size, vocab_size, what=f"the tokenizer of {self.data_dir}")
+        self._lengths = {}
+        for domain in DOMAINS:
+            for split in SPLITS:
+                path = self.data_dir / bin_name(domain, split)
+                expected = int(self.meta["outputs"][bin_name(domain, split)])
+                if not path.is_file():
+                    raise UserError(f"{path} is missing; re-run prepare_data for {self.data_dir}")
+                size = path.stat().st_size
+                if size != expected * self.dtype.itemsize:
+                    raise UserError(f"{path} has {size} bytes but meta.json says {expected} {self.dtype.name} "
+                                    "tokens; the directory is damaged: re-run prepare_data")
+                self._lengths[(domain, split)] = expected
+        self._maps: dict = {}
+
+    # The memmaps are opened lazily and not pickled, so a DataLoader worker started with "spawn"
+    # reopens them instead of receiving a copy of the data.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.data_dir / TOKENIZER_FILE
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.tokenizer_path)
+
+    def num_tokens(self, domain: str, split: str = "train") -> int:
+        return self._lengths[(_check_domain(domain), _check_split(split))]
+
+    def tokens(self, domain: str, split: str = "train") -> np.ndarray:
+        """The read-only memmap of one domain and split (an empty array when it has no tokens)."""
+        key = (_check_domain(domain), _check_split(split))
+        if key not in self._maps:
+            n = self._lengths[key]
+            if n == 0:  # numpy cannot map an empty file
+                self._maps[key] = np.zeros(0, dtype=self.dtype)
+            else:
+                self._maps[key] = np.memmap(self.data_dir / bin_name(*key), dtype=self.dtype, mode="r", shape=(n,))
+        return self._maps[key]
+
+    def validate_ids(self) -> None:
+        """Raise UserError if any token id is >= vocab_size (a file from another tokenizer or damaged)."""
+        for domain in DOMAINS:
+            for split in SPLITS:
+                arr = self.tokens(domain, split)
+                for start in range(0, len(arr), _VALIDATE_CHUNK):
+                    chunk = arr[start:start + _VALIDATE_CHUNK]
+                    top = int(chunk.max())
+                    if top >= self.vocab_size:
+                        where = start + int(np.argmax(chunk >= self.vocab_size))
+                        raise UserError(f"{bin_name(domain, split)} holds token id {top} >= vocab_size "
+                                        f"{self.vocab_size} (first at position {where}); the file does not "
+                                        f"match its tokenizer: re-run prepare_data for {self.data_dir}")
+
+    # --- training batches ------------------------------------------------------------------
+    def sample_windows(self, kind: str, step: int, batch_size: int, seq_len: int, seed: int = 0,
+                       rank: int = 0, world_size: int = 1, split: str = "train") -> list[tuple[str, int]]:
+        """(domain, start) of each row's window: the sampling behind `get_batch`."""
+        _check_batch_args(kind, step, batch_size, seq_len, rank, world_size)
+        domains = domains_for_rows(kind, step, batch_size, rank, world_size)
+        rng = _rng(seed, split, kind, step, rank, world_size)
+        starts = [0] * batch_size
+        for domain in DOMAINS:  # fixed order: draws do not depend on dict or set order
+            rows = [i for i, d in enumerate(domains) if d == domain]
+            if not rows:
+                continue
+            lo, hi = self._rank_range(domain, split, seq_len, rank, world_size)
+            drawn = lo + rng.integers(0, hi - lo - seq_len, size=len(rows))
+            for i, s in zip(rows, drawn.tolist()):
+                starts[i] = s
+        return list(zip(domains, starts))
+
+    def get_batch(self, kind: str, step: int, batch_size: int, seq_len: int, seed: int = 0,
+                  rank: int = 0, world_size: int = 1, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y): int64 CPU tensors [batch_size, seq_len], y = x shifted left by one token."""
+        windows = self.sample_windows(kind, step, batch_size, seq_len, seed, rank, world_size, split)
+        block = np.empty((batch_size, seq_len + 1), dtype=np.int64)
+        for row, (domain, start) in enumerate(windows):
+            block[row] = self.tokens(domain, split)[start:start + seq_len + 1]
+        block = torch.from_numpy(block)
+        return block[:, :-1].contiguous(), block[:, 1:].contiguous()
+
+    def _rank_range(self, domain: str, split: str, seq_len: int, rank: int, world_size: int) -> tuple[int, int]:
+        n = self.num_tokens(domain, split)
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+        if hi - lo < seq_len + 1:
+            share = f" (rank {rank} of {world_size} gets {hi - lo})" if world_size > 1 else ""
+            raise UserError(f"{domain} {split} data in {self.data_dir} has {n} tokens{share}, fewer than "
+                            f"seq_len + 1 = {seq_len + 1}: use a smaller --seq_len or prepare more {domain} data")
+        return lo, hi
+
+    # --- evaluation batches ----------------------------------------------------------------
+    def num_eval_windows(self, domain: str, seq_len: int, split: str = "val") -> int:
+        return max(0, (self.num_tokens(domain, split) - 1) // seq_len)
+
+    def iter_eval_batches(self, domain: str, batch_size: int, seq_len: int, max_batches: int | None = None,
+                          split: str = "val", rank: int = 0, world_size: int = 1
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive windows: window k is x = tokens[k*L : k*L+L], y = tokens[k*L+1 : k*L+L+1].
+        Batches hold batch_size windows (the last may hold fewer); with world_size > 1, rank r
+        gets batches r, r + world_size, ... of the same sequence."""
+        _check_domain(domain)
+        if batch_size < 1 or seq_len < 1:
+            raise UserError(f"batch_size and seq_len must be >= 1 (got {batch_size}, {seq_len})")
+        n_windows = self.num_eval_windows(domain, seq_len, split)
+        if n_windows == 0:
+            raise UserError(f"{domain} {split} data in {self.data_dir} has {self.num_tokens(domain, split)} tokens, "
+                            f"fewer than seq_len + 1 = {seq_len + 1}: use a smaller --seq_len, or prepare with a "
+                            "larger --val_fraction or more data")
+        arr = self.tokens(domain, split)
+        n_batches = math.ceil(n_windows / batch_size)
+        if max_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        for b in range(rank, n_batches, world_size):
+            first, last = b * batch_size, min((b + 1) * batch_size, n_windows)
+            block = np.stack([arr[k * seq_len:k * seq_len + seq_len + 1] for k in range(first, last)]).astype(np.int64)
+            block = torch.from_numpy(block)
+            yield block[:, :-1].contiguous(), block[:, 1:].contiguous()
+
+
+def domains_for_rows(kind: str, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[str]:
+    """The domain of each row of a batch (see the module docstring for "mixed")."""
+    if kind not in KINDS:
+        raise UserError(f"batch kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind != "mixed":
+        return [kind] * batch_size
+    first = (step * world_size + rank) * batch_size
+    return ["text" if (first + i) % 2 == 0 else "code" for i in range(batch_size)]
+
+
+def _rng(seed: int, split: str, kind: str, step: int, rank: int, world_size: int) -> np.random.Generator:
+    key = f"mm_rec.windows/{seed}/{split}/{kind}/{step}/{rank}/{world_size}".encode()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little")))
+
+
+def _check_domain(domain: str) -> str:
+    if domain not in DOMAINS:
+        raise UserError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+    return domain
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return split
+
+
+def _check_batch_args(kind, step, batch_size, seq_len, rank, world_size) -> None:
+    if kind not in KINDS:
+        raise UserError(f"batch kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if step < 0 or batch_size < 1 or seq_len < 1:
+        raise UserError(f"need step >= 0, batch_size >= 1 and seq_len >= 1 (got {step}, {batch_size}, {seq_len})")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"rank must be in [0, world_size) (got rank {rank}, world_size {world_size})")
+
+
+class TrainBatches(IterableDataset):
+    """Yields (step, x, y) for steps start_step, start_step + 1, ... (forever if num_steps is None).
+
+    With DataLoader workers, worker w of n produces steps start_step + w, + w + n, ...; the
+    DataLoader takes one item from each worker in turn, so steps still arrive in order.
+    `kind_for_step` must be picklable when workers are started with "spawn" (not a lambda).
+    """
+
+    def __init__(self, data: TokenData, kind_for_step: Callable[[int], str], start_step: int,
+                 num_steps: int | None, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, split: str = "train"):
+        self.data, self.kind_for_step = data, kind_for_step
+        self.start_step, self.num_steps = start_step, num_steps
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size, self.split = rank, world_size, split
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        end = math.inf if self.num_steps is None else self.start_step + self.num_steps
+        step = self.start_step + worker
+        while step < end:
+            x, y = self.data.get_batch(self.kind_for_step(step), step, self.batch_size, self.seq_len,
+                                       self.seed, self.rank, self.world_size, self.split)
+            yield step, x, y
+            step += n_workers
+
+
+def make_train_loader(data: TokenData, kind_for_step: Callable[[int], str], start_step: int,
+                      num_steps: int | None, batch_size: int, seq_len: int, seed: int, rank: int = 0,
+                      world_size: int = 1, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over `TrainBatches` yielding (step, x, y) in step order.
+
+    Use num_workers > 0 and pin_memory=True on a GPU; on a CPU num_workers=0 is fastest.
+    The first batch is built here, in the calling process, so a user mistake (seq_len too long
+    for the data, a bad kind) is reported as one line instead of from inside a worker.
+    """
+    data.get_batch(kind_for_step(start_step), start_step, batch_size, seq_len, seed, rank, world_size)
+    dataset = TrainBatches(data, kind_for_step, start_step, num_steps, batch_size, seq_len, seed, rank, world_size)
+    extra = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **extra)
