@@ -38,7 +38,8 @@ def register_gpu_backend(name: str, short_term=None, long_term=None) -> None:
 
 
 def _gpu_impl(kind: str, tensor: torch.Tensor, allow_kernels: bool):
-    if not (allow_kernels and tensor.is_cuda):
+    # The kernels compute in fp32 (bf16 activations); float64 stays on the exact PyTorch path.
+    if not (allow_kernels and tensor.is_cuda) or tensor.dtype == torch.float64:
         return None
     if not _GPU_BACKENDS:
         try:  # optional: only present with the GPU extra installed

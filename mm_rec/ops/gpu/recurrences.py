@@ -1,0 +1,185 @@
+"""The two recurrences on CUDA through fla-core's Triton kernels, as opaque torch.library ops.
+
+    short_term_gpu:  h_t = exp(log_a_t) h_{t-1} + x_t          (fla's chunked HGRN kernels)
+    long_term_gpu:   M_t = diag(exp(log_alpha_t)) M_{t-1} + k_t^T v_t,  o_t = scale q_t M_t
+                                                                  (fla's chunked GLA kernels)
+
+Why custom ops rather than fla's own autograd Functions:
+- torch.compile sees each op as one opaque node (fla's entry points are `torch.compiler.disable`d,
+  which would split a compiled step into a graph per layer), so the whole training step compiles
+  and can be CUDA-graphed;
+- fla's chunk_hgrn has no gradient for its initial state nor for its final state; the ops below add
+  both (dh0 = exp(log_a_0) dx_0, and dh_T enters as extra output gradient at the last token).
+
+Precision: log-decays, their cumulative sums and every carried state are fp32 (fla keeps the GLA
+chunk-state snapshots it multiplies with q in q's dtype, accumulating in fp32); q, k, v stay in
+their own dtype (bf16 under autocast). Outputs: h in x's dtype, o in q's dtype, h_T / M_T fp32.
+"""
+from typing import Optional
+
+import torch
+import triton
+from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
+from fla.ops.hgrn.chunk import (chunk_hgrn_bwd_kernel_h, chunk_hgrn_bwd_kernel_o,
+                                chunk_hgrn_fwd_kernel_h, chunk_hgrn_fwd_kernel_o)
+
+Tensor = torch.Tensor
+_HGRN_BT = 128  # tokens per chunk of the HGRN kernels (fla's choice)
+
+
+def _gla_chunk(T: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(T)))  # as fla's chunk_gla picks it
+
+
+def _none_if_empty(t: Tensor):
+    return None if t.numel() == 0 else t
+
+
+# -- short-term memory: diagonal recurrence ---------------------------------------------------
+@torch.library.custom_op("mmrec::hgrn_fwd", mutates_args=())
+def hgrn_fwd(x: Tensor, g: Tensor, h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """x, g: [B, T, D] fp32 contiguous; h0: [B, D] fp32 or None. Returns (h fp32, h_T fp32)."""
+    B, T, D = x.shape
+    BD = min(64, triton.next_power_of_2(D))
+    gc = torch.empty_like(g)
+    h = torch.empty_like(x)
+    chunk_hgrn_fwd_kernel_h[lambda m: (triton.cdiv(D, m["BD"]) * triton.cdiv(T, _HGRN_BT), B)](
+        x, g, gc, h, h0, T=T, D=D, BT=_HGRN_BT, USE_INITIAL_STATE=h0 is not None)
+    chunk_hgrn_fwd_kernel_o[(triton.cdiv(D, BD), B)](
+        gc, h, h.stride(0), h.stride(1), h.stride(2), T=T, D=D, BT=_HGRN_BT, BD=BD,
+        num_warps=8 if BD == 64 else 4)
+    return h, h[:, -1].clone()
+
+
+@hgrn_fwd.register_fake
+def _(x, g, h0):
+    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2])
+
+
+@torch.library.custom_op("mmrec::hgrn_bwd", mutates_args=())
+def hgrn_bwd(g: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor, dhT: Optional[Tensor]
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Reverse scan g_t = dh_t + a_{t+1} g_{t+1}; dx = g, dlog_a_t = g_t a_t h_{t-1}, dh0 = a_0 g_0."""
+    B, T, D = h.shape
+    BD = min(64, triton.next_power_of_2(D))
+    dh = dh.float().contiguous()
+    if dhT is not None:  # the final state is h[:, -1]: its gradient joins the last token's
+        dh = dh.clone()
+        dh[:, -1] += dhT
+    gc = torch.empty_like(g)
+    dx = torch.empty_like(h)
+    chunk_hgrn_bwd_kernel_h[lambda m: (triton.cdiv(D, m["BD"]) * triton.cdiv(T, _HGRN_BT), B)](
+        g, gc, dx, dh, T=T, D=D, BT=_HGRN_BT)
+    dg = torch.empty_like(g)
+    chunk_hgrn_bwd_kernel_o[(triton.cdiv(D, BD), B)](
+        g, gc, h, dx, dg, h.stride(0), h.stride(1), h.stride(2), T=T, D=D, BT=_HGRN_BT, BD=BD,
+        num_warps=8 if BD == 64 else 4)
+    if h0 is None:
+        return dx, dg, h.new_empty(0)
+    a0_g0 = dx[:, 0] * g[:, 0].exp()
+    dg[:, 0] = h0 * a0_g0  # the kernel saw h_{-1} = 0
+    return dx, dg, a0_g0
+
+
+@hgrn_bwd.register_fake
+def _(g, h, h0, dh, dhT):
+    dh0 = h.new_empty(0) if h0 is None else torch.empty_like(h0)
+    return torch.empty_like(h), torch.empty_like(g), dh0
+
+
+def _hgrn_setup(ctx, inputs, output):
+    _, g, h0 = inputs
+    ctx.save_for_backward(g, output[0], h0)
+    ctx.has_h0 = h0 is not None
+
+
+def _hgrn_backward(ctx, dh, dhT):
+    g, h, h0 = ctx.saved_tensors
+    if dh is None:
+        dh = torch.zeros_like(h)
+    dx, dg, dh0 = hgrn_bwd(g, h, h0 if ctx.has_h0 else None, dh, dhT)
+    return dx, dg, (dh0 if ctx.has_h0 else None)
+
+
+hgrn_fwd.register_autograd(_hgrn_backward, setup_context=_hgrn_setup)
+
+
+def short_term_gpu(x: Tensor, log_a: Tensor, h0: Optional[Tensor] = None):
+    """Drop-in for short_term_memory on CUDA: returns (h [B, T, D] in x's dtype, h_T [B, D] fp32)."""
+    if x.shape[1] == 0:
+        return x, (x.new_zeros(x.shape[0], x.shape[2], dtype=torch.float32) if h0 is None else h0.float())
+    h0 = None if h0 is None else h0.float().contiguous()
+    h, hT = hgrn_fwd(x.float().contiguous(), log_a.float().contiguous(), h0)
+    return h.to(x.dtype), hT
+
+
+# -- long-term memory: gated linear attention -------------------------------------------------
+@torch.library.custom_op("mmrec::gla_fwd", mutates_args=())
+def gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, M0: Optional[Tensor]
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (o in v's dtype, M_T fp32, A and g_cumsum: fp32 intermediates kept for backward)."""
+    g_cumsum, A, _, M_T, o = chunk_gla_fwd(
+        q=q, k=k, v=v, g=g, g_cumsum=None, scale=scale, initial_state=M0, output_final_state=True,
+        chunk_size=_gla_chunk(q.shape[1]))
+    return o, M_T, A, g_cumsum
+
+
+@gla_fwd.register_fake
+def _(q, k, v, g, scale, M0):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    f32 = torch.float32
+    return (torch.empty_like(v), q.new_empty(B, H, K, V, dtype=f32),
+            q.new_empty(B, T, H, _gla_chunk(T), dtype=f32), torch.empty_like(g, dtype=f32))
+
+
+@torch.library.custom_op("mmrec::gla_bwd", mutates_args=())
+def gla_bwd(q: Tensor, k: Tensor, v: Tensor, g_cumsum: Tensor, A: Tensor, scale: float,
+            M0: Optional[Tensor], do: Tensor, dM_T: Optional[Tensor]
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dg, dM0 = chunk_gla_bwd(
+        q=q, k=k, v=v, g=None, g_cumsum=g_cumsum, scale=scale, initial_state=M0, h=None, A=A,
+        do=do.contiguous(), dht=dM_T, chunk_size=_gla_chunk(q.shape[1]))
+    dM0 = q.new_empty(0) if dM0 is None else dM0
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dM0
+
+
+@gla_bwd.register_fake
+def _(q, k, v, g_cumsum, A, scale, M0, do, dM_T):
+    dM0 = q.new_empty(0) if M0 is None else torch.empty_like(M0)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(g_cumsum), dM0)
+
+
+def _gla_setup(ctx, inputs, output):
+    q, k, v, _, scale, M0 = inputs
+    _, _, A, g_cumsum = output
+    ctx.save_for_backward(q, k, v, g_cumsum, A, M0)
+    ctx.scale, ctx.has_M0 = scale, M0 is not None
+
+
+def _gla_backward(ctx, do, dM_T, _dA, _dgc):
+    q, k, v, g_cumsum, A, M0 = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    dq, dk, dv, dg, dM0 = gla_bwd(q, k, v, g_cumsum, A, ctx.scale, M0 if ctx.has_M0 else None,
+                                  do, dM_T)
+    return dq, dk, dv, dg, None, (dM0 if ctx.has_M0 else None)
+
+
+gla_fwd.register_autograd(_gla_backward, setup_context=_gla_setup)
+
+
+def long_term_gpu(q: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, M0: Optional[Tensor] = None,
+                  scale: float | None = None):
+    """Drop-in for long_term_memory on CUDA: (o [B, T, H, Dv] in q's dtype, M_T [B, H, Dk, Dv] fp32)."""
+    B, T, H, Dk = q.shape
+    scale = Dk ** -0.5 if scale is None else float(scale)
+    if T == 0:
+        M = q.new_zeros(B, H, Dk, v.shape[-1], dtype=torch.float32) if M0 is None else M0.float()
+        return v, M
+    dt = q.dtype
+    M0 = None if M0 is None else M0.float().contiguous()
+    o, M_T, _, _ = gla_fwd(q.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(),
+                           log_alpha.float().contiguous(), scale, M0)
+    return o, M_T
