@@ -282,16 +282,22 @@ def main(argv=None):
         for v in variants:
             opts[v].zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
+        print_table([r for r in results if r["shape"] == shape_name])
+        write_json(args, props, torch, ceiling, results)  # after every shape: a timeout loses little
 
     if args.profile:
         profile(args.profile, models, steps, dev)
 
     print_table(results)
+    write_json(args, props, torch, ceiling, results)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def write_json(args, props, torch, ceiling, results):
     meta = {"device": props.name, "torch": torch.__version__, "matmul_ceiling_tflops": ceiling / 1e12,
             "peak_tflops": PEAK_BF16 / 1e12, "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M")}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"wrote {args.out}")
-    return 0
 
 
 def print_table(results):
