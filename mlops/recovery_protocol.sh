@@ -5,7 +5,8 @@
 #   mlops/recovery_protocol.sh CHECKPOINT_DIR [train_modular args...]
 #
 # Attempt n resumes `python3 -m mm_rec.scripts.train_modular` from the newest checkpoint in
-# CHECKPOINT_DIR that loads (corrupt files are skipped) with --lr_scale 0.5^n, up to
+# CHECKPOINT_DIR that loads (corrupt files are skipped) with the learning rate halved once more
+# (--lr_scale 0.5, 0.25, 0.125 for a checkpoint saved at full learning rate), up to
 # MMREC_MAX_ATTEMPTS (3) times, until a run exits 0. Each attempt is logged with a timestamp to
 # stdout and to CHECKPOINT_DIR/recovery_protocol.log.
 set -euo pipefail
@@ -14,8 +15,10 @@ usage() {
     cat <<'EOF'
 usage: recovery_protocol.sh CHECKPOINT_DIR [train_modular args...]
 
-Resume training from the newest valid checkpoint in CHECKPOINT_DIR with the learning rate
-halved, retrying with 0.5, 0.25, 0.125 x the learning rate until a run succeeds.
+Resume training from the newest valid checkpoint in CHECKPOINT_DIR (corrupt files are skipped)
+with the learning rate halved, retrying until a run succeeds. Attempt n passes
+--lr_scale = 0.5 x min(the checkpoint's saved lr_scale, attempt n-1's scale): 0.5, 0.25, 0.125
+for a checkpoint saved at the full learning rate.
 
 Each attempt runs
     $PYTHON -m mm_rec.scripts.train_modular --resume_from NEWEST --checkpoint_dir CHECKPOINT_DIR \
@@ -71,22 +74,29 @@ log() {
     echo "$line" >> "$LOG_FILE"
 }
 
-newest_valid_checkpoint() {
+# Prints "PATH SCALE": the newest checkpoint that loads, and the --lr_scale for the next attempt:
+# LR_FACTOR x the lower of the checkpoint's own lr_scale (a run that recovered by itself saves its
+# halved scale) and the previous attempt's scale. Prints nothing when no checkpoint loads.
+next_attempt() {
     "$PYTHON" -c 'import sys
 from mm_rec.training.checkpoint import newest_valid_checkpoint
-path, _ = newest_valid_checkpoint(sys.argv[1])
-print(path or "")' "$CKPT_DIR"
+path, state = newest_valid_checkpoint(sys.argv[1])
+if path is not None:
+    scale = min(float(state.get("lr_scale", 1.0)), float(sys.argv[2])) * float(sys.argv[3])
+    print(path, repr(scale))' "$CKPT_DIR" "$1" "$LR_FACTOR"
 }
 
 log "starting in $CKPT_DIR: up to $MAX_ATTEMPTS attempts, learning rate x$LR_FACTOR per attempt"
-scale=1
+scale=inf
 for ((attempt = 1; attempt <= MAX_ATTEMPTS; attempt++)); do
-    scale="$("$PYTHON" -c 'import sys; print(float(sys.argv[1]) * float(sys.argv[2]))' "$scale" "$LR_FACTOR")"
-    checkpoint="$(newest_valid_checkpoint)"
-    if [[ -z "$checkpoint" ]]; then
+    found="$(next_attempt "$scale")" || {
+        log "error: could not read the checkpoints with $PYTHON (is mm_rec importable?)"; exit 1; }
+    if [[ -z "$found" ]]; then
         log "error: no valid checkpoint in $CKPT_DIR (attempt $attempt/$MAX_ATTEMPTS); nothing to resume from"
         exit 1
     fi
+    checkpoint="${found% *}"
+    scale="${found##* }"
     log "attempt $attempt/$MAX_ATTEMPTS: resuming from $checkpoint with --lr_scale $scale"
     status=0
     "$PYTHON" -m mm_rec.scripts.train_modular --resume_from "$checkpoint" --checkpoint_dir "$CKPT_DIR" \
