@@ -1,0 +1,66 @@
+"""Export a training checkpoint for inference (guide §9.3).
+
+    python -m mm_rec.scripts.export --checkpoint checkpoints/checkpoint_stage3_step_5000.pt --out model/
+    python -m mm_rec.scripts.export --checkpoint ckpt.pt --out model/ --format both
+
+writes model/model.safetensors, model/config.json and model/tokenizer.json, loadable with
+`MMRec100M.from_pretrained("model/")`; --format pt (or both) writes the guide's
+model/mmrec_100m_final.pt = {'model_state_dict', 'config'} as well (or instead).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..inference.export import GUIDE_PT_NAME, save_guide_pt, save_pretrained
+from ..inference.loading import load_model
+from ..utils.errors import UserError, run_cli
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mm_rec.scripts.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported model directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "pt", "both"],
+                   help="safetensors directory (default), the guide's mmrec_100m_final.pt, or both")
+    p.add_argument("--pt", action="store_true", help="same as --format both")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="weight dtype to store (default float32, as trained)")
+    p.add_argument("--tokenizer", help="tokenizer.json to ship instead of the one stored with the checkpoint")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    fmt = "both" if args.pt else args.format
+    loaded = load_model(args.checkpoint, device="cpu", dtype=DTYPES[args.dtype], tokenizer_path=args.tokenizer)
+    if loaded.tokenizer is None:
+        print(f"warning: {args.checkpoint} has no tokenizer (synthetic-data run?); exporting the weights "
+              "without tokenizer.json (pass --tokenizer PATH to include one)", file=sys.stderr)
+    written = []
+    try:
+        if fmt in ("safetensors", "both"):
+            out = save_pretrained(loaded.model, args.out, loaded.tokenizer)
+            written += [out / "model.safetensors", out / "config.json"]
+            if loaded.tokenizer is not None:
+                written.append(out / "tokenizer.json")
+        if fmt in ("pt", "both"):
+            written.append(save_guide_pt(loaded.model, Path(args.out) / GUIDE_PT_NAME, loaded.tokenizer))
+    except OSError as e:
+        raise UserError(f"cannot write to {args.out} ({e.strerror or e})") from None
+    model = loaded.model
+    print(f"exported {loaded.source} ({model.get_num_params() / 1e6:.1f}M params, {args.dtype}, "
+          f"fusion {'on' if model.use_fusion else 'off'}):")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
