@@ -161,3 +161,23 @@ class MMRec100M(nn.Module):
     def get_num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embedding.weight.numel() if non_embedding else n
+
+    # -- inference (implemented in mm_rec.inference) ----------------------------------------------
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, expert_type: str | None = None, memory_states: dict | None = None,
+                 **kwargs):
+        """Prompt(s) -> prompt + new token ids; temperature 0 is greedy. See mm_rec.inference.generation."""
+        from ..inference.generation import generate
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        expert_type=expert_type, memory_states=memory_states, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None) -> "MMRec100M":
+        """Load an exported directory (model.safetensors + config.json) or a checkpoint file."""
+        from ..inference.export import from_pretrained
+        return from_pretrained(path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path, tokenizer=None):
+        """Write model.safetensors, config.json (and tokenizer.json) to the directory `path`."""
+        from ..inference.export import save_pretrained
+        return save_pretrained(self, path, tokenizer=tokenizer)
