@@ -138,6 +138,14 @@ def test_gpt2_files_load_under_both_names(tmp_path):
         assert tok.encode("Hello world") == [15496, 995]  # GPT-2's published ids
         for s in ROUND_TRIP_SAMPLES:
             assert tok.decode(tok.encode(s)) == s
+    # preparing with GPT-2's vocabulary: uint16 ids, and a model with a smaller vocabulary is refused
+    (tmp_path / "a.txt").write_text(ROUND_TRIP_SAMPLES[1] + "\n\n" + ROUND_TRIP_SAMPLES[0])
+    meta = prepare_data([tmp_path / "a.txt"], [], tmp_path / "out", tokenizer_path=GPT2_DIR, verbose=False)
+    assert meta["vocab_size"] == 50257 and meta["dtype"] == "uint16" and meta["eot_id"] == 50256
+    assert Tokenizer.load(tmp_path / "out").sha256 == Tokenizer.load(GPT2_DIR).sha256
+    TokenData(tmp_path / "out", vocab_size=50304).validate_ids()
+    with pytest.raises(UserError, match="has 50257 tokens but the model's vocab_size is 32000"):
+        TokenData(tmp_path / "out", vocab_size=32000)
 
 
 def test_tokenizer_load_errors(tmp_path):

@@ -53,7 +53,8 @@ class TokenData:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise UserError(f"{meta_path} is not valid JSON; re-run prepare_data for {self.data_dir}") from None
-        if self.meta.get("format") != META_FORMAT:
+        required = ("vocab_size", "eot_id", "dtype", "outputs")
+        if self.meta.get("format") != META_FORMAT or any(k not in self.meta for k in required):
             raise UserError(f"{meta_path} was not written by prepare_data; re-run prepare_data for {self.data_dir}")
         self.vocab_size: int = int(self.meta["vocab_size"])
         self.eot_id: int = int(self.meta["eot_id"])
@@ -64,7 +65,7 @@ class TokenData:
         for domain in DOMAINS:
             for split in SPLITS:
                 path = self.data_dir / bin_name(domain, split)
-                expected = int(self.meta["outputs"][bin_name(domain, split)])
+                expected = int(self.meta["outputs"].get(bin_name(domain, split), -1))
                 if not path.is_file():
                     raise UserError(f"{path} is missing; re-run prepare_data for {self.data_dir}")
                 size = path.stat().st_size

@@ -21,9 +21,10 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -104,16 +105,21 @@ def prepare_data(text_sources: Iterable, code_sources: Iterable, out_dir, tokeni
     skips = SkipLog()
     scans = {}
     for domain in DOMAINS:
-        if sources[domain]:
-            log(f"scanning {domain} sources: {', '.join(s.name for s in sources[domain])}")
+        t0 = time.time()
         scans[domain] = _scan_domain(sources[domain], domain, seed, txt_doc_chars, skips)
         scans[domain].is_val = choose_validation_documents(scans[domain].doc_keys, scans[domain].doc_bytes,
                                                            val_fraction)
+        if sources[domain]:
+            log(f"scanned {domain} ({', '.join(s.name for s in sources[domain])}): "
+                f"{len(scans[domain].doc_bytes):,} documents, {scans[domain].doc_bytes.sum() / 1e6:.1f} MB "
+                f"in {time.time() - t0:.1f} s")
 
     if tokenizer is None:
         log(f"training a byte-level BPE tokenizer with {vocab_size} tokens on the training documents")
+        t0 = time.time()
         texts = _training_texts(scans, txt_doc_chars, tokenizer_train_chars)
         tokenizer = train_tokenizer(texts, vocab_size, show_progress=verbose)
+        log(f"trained the tokenizer in {time.time() - t0:.1f} s")
     dtype = token_dtype(tokenizer.vocab_size)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,8 +220,17 @@ def _iter_scanned(scan: _DomainScan, domain: str, txt_doc_chars: int) -> Iterato
     i = 0
     for source, files in zip(scan.sources, scan.files):
         for label, doc in iter_documents(source, domain, txt_doc_chars, files=files):
+            if i >= len(scan.doc_bytes):
+                raise _SourcesChanged()
             yield i, label, doc
             i += 1
+    if i != len(scan.doc_bytes):
+        raise _SourcesChanged()
+
+
+class _SourcesChanged(UserError):
+    def __init__(self):
+        super().__init__("the sources changed while prepare_data was reading them; run it again")
 
 
 def _training_texts(scans: dict, txt_doc_chars: int, max_chars: int) -> Iterator[str]:
@@ -339,6 +354,10 @@ def format_summary(meta: dict, out_dir) -> str:
     for d in DOMAINS:
         if meta["documents"][d]["train"] and not meta["documents"][d]["val"] and meta["val_fraction"] > 0:
             rows.append(f"note: {d} has a single document, so no validation split")
+    requested = meta["tokenizer"].get("requested_vocab_size")
+    if requested and meta["vocab_size"] < requested:
+        rows.append(f"note: the corpus supported only {meta['vocab_size']} of the {requested} tokens asked for; "
+                    "models with a larger vocab_size can still use this data")
     rows.append(f"vocab_size {meta['vocab_size']} ({meta['dtype']}), tokenizer sha256 "
                 f"{meta['tokenizer']['sha256'][:12]}, written to {out_dir}")
     return "\n".join(rows)
