@@ -133,7 +133,8 @@ def stream_loss(model, tokens: torch.Tensor, expert_type: str | None, seq_len: i
             x = tokens[start:start + y.numel()].to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits, states = model(x[None], expert_type=expert_type, memory_states=states, return_memory=True)
-            total += F.cross_entropy(logits[0].float(), y, reduction="sum").double()
+            logits = logits[0] if logits.dtype == torch.float64 else logits[0].float()  # CE in fp32 at least
+            total += F.cross_entropy(logits, y, reduction="sum").double()
             count += y.numel()
             if progress is not None:
                 progress.update(y.numel())

@@ -57,6 +57,9 @@ def main(argv=None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be >= 1, got {value}")
+    for path in [*args.text, *args.code, *([args.data_dir] if args.data_dir else [])]:
+        if not Path(path).exists():
+            raise UserError(f"{path} does not exist")
     device = resolve_device(args.device)
     autocast_dtype = torch.bfloat16 if args.bf16 else None
 
