@@ -71,6 +71,55 @@ def time_steps_interleaved(model, states_by_context: dict, batch: int, steps: in
     return times
 
 
+class CudaGraphStep:
+    """model.step captured once as a CUDA graph for a fixed batch size (--cuda_graph): one graph
+    replay per token instead of ~1.5K small kernel launches, which is what bounds an eager
+    100M-parameter decode step on a GPU. The state lives in static buffers: each call replays
+    the graph and copies the new state over the old one."""
+
+    def __init__(self, model, states: dict, expert_type):
+        batch = next(iter(states.values()))[0]["h"].shape[0]
+        device = next(model.parameters()).device
+        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
+        self.states = map_states(states, lambda t: t.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():  # warm-up before capture, as torch requires
+            for _ in range(3):
+                model.step(self.ids, self.states, expert_type=expert_type)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.logits, new_states = model.step(self.ids, self.states, expert_type=expert_type)
+        flat = lambda st: [t for layers in st.values() for layer in layers for t in layer.values()]
+        self.dst, self.src = flat(self.states), flat(new_states)
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.graph.replay()
+        torch._foreach_copy_(self.dst, self.src)
+        return self.logits
+
+
+@torch.inference_mode()
+def time_graph_steps(model, states_by_context: dict, batch: int, steps: int, warmup: int, expert_type,
+                     device) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (warmup + steps, batch), generator=gen).to(device)
+    graphs = {context: CudaGraphStep(model, st, expert_type) for context, st in states_by_context.items()}
+    times = {context: [] for context in graphs}
+    for i in range(warmup + steps):
+        for context, step in graphs.items():
+            sync(device)
+            start = time.perf_counter()
+            step(tokens[i])
+            sync(device)
+            if i >= warmup:
+                times[context].append(time.perf_counter() - start)
+    return times
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -108,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill_rows", choices=["1", "all"], default=None,
                    help="prefill one sequence and copy its state to every row (1, cpu default) or each row (all)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="on CUDA, also time the step replayed as a captured CUDA graph")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -122,6 +173,8 @@ def main(argv=None) -> int:
     steps = args.steps or (200 if on_gpu else 30)
     warmup = args.warmup if args.warmup is not None else (20 if on_gpu else 3)
     prefill_rows = args.prefill_rows or ("all" if on_gpu else "1")
+    if args.cuda_graph and not on_gpu:
+        print("note: --cuda_graph needs --device cuda; timing the eager step only", file=sys.stderr)
 
     torch.manual_seed(0)
     model = MMRec100M(config=MMRecConfig(**PRESETS[args.preset])).to(device=device, dtype=getattr(torch, args.dtype))
@@ -148,28 +201,35 @@ def main(argv=None) -> int:
                 states[context], prefill[context] = prefill_state(model, context, batch, args.prefill_chunk,
                                                                   args.expert, device)
                 print(f"  prefill {context:>6} tokens x {batch} rows: {prefill[context]:.1f}s", flush=True)
-        times = time_steps_interleaved(model, states, batch, steps, warmup, args.expert, device)
+        runs = {"eager": time_steps_interleaved(model, states, batch, steps, warmup, args.expert, device)}
+        if args.cuda_graph and on_gpu:
+            try:
+                runs["cuda_graph"] = time_graph_steps(model, states, batch, steps, warmup, args.expert, device)
+            except Exception as e:  # keep the eager numbers if capture fails on this setup
+                print(f"  cuda graph capture failed ({type(e).__name__}: {e}); eager numbers only", flush=True)
         del states
-        for context, ts in times.items():
-            median = statistics.median(ts)
-            rows.append({"context": context, "batch_size": batch, "median_ms": 1e3 * median,
-                         "p10_ms": 1e3 * percentile(ts, 0.1), "p90_ms": 1e3 * percentile(ts, 0.9),
-                         "tokens_per_s": batch / median, "prefill_s": prefill[context],
-                         "prefill_rows": 1 if prefill_rows == "1" else batch, "steps": steps})
-            print(f"  context {context:>6}  batch {batch:>3}: {1e3 * median:8.2f} ms/step "
-                  f"(p10 {rows[-1]['p10_ms']:.2f}, p90 {rows[-1]['p90_ms']:.2f}), {batch / median:,.0f} tok/s",
-                  flush=True)
+        for mode, times in runs.items():
+            for context, ts in times.items():
+                median = statistics.median(ts)
+                rows.append({"mode": mode, "context": context, "batch_size": batch, "median_ms": 1e3 * median,
+                             "p10_ms": 1e3 * percentile(ts, 0.1), "p90_ms": 1e3 * percentile(ts, 0.9),
+                             "tokens_per_s": batch / median, "prefill_s": prefill[context],
+                             "prefill_rows": 1 if prefill_rows == "1" else batch, "steps": steps})
+                print(f"  {mode:<10} context {context:>6}  batch {batch:>3}: {1e3 * median:8.2f} ms/step "
+                      f"(p10 {rows[-1]['p10_ms']:.2f}, p90 {rows[-1]['p90_ms']:.2f}), {batch / median:,.0f} tok/s",
+                      flush=True)
 
     print()
-    print(f"{'context':>8} {'batch':>6} {'ms/token step':>14} {'p10':>8} {'p90':>8} {'tokens/s':>10}")
+    print(f"{'mode':<10} {'context':>8} {'batch':>6} {'ms/step':>9} {'p10':>8} {'p90':>8} {'tokens/s':>10}")
     for r in rows:
-        print(f"{r['context']:>8} {r['batch_size']:>6} {r['median_ms']:>14.2f} {r['p10_ms']:>8.2f} "
+        print(f"{r['mode']:<10} {r['context']:>8} {r['batch_size']:>6} {r['median_ms']:>9.2f} {r['p10_ms']:>8.2f} "
               f"{r['p90_ms']:>8.2f} {r['tokens_per_s']:>10,.0f}")
-    for batch in args.batch_sizes:
-        per = {r["context"]: r["median_ms"] for r in rows if r["batch_size"] == batch}
-        lo, hi = min(args.contexts), max(args.contexts)
-        if lo != hi:
-            print(f"batch {batch}: step at {hi} / step at {lo} context = {per[hi] / per[lo]:.3f}")
+    lo, hi = min(args.contexts), max(args.contexts)
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        for batch in args.batch_sizes:
+            per = {r["context"]: r["median_ms"] for r in rows if r["batch_size"] == batch and r["mode"] == mode}
+            if lo != hi and lo in per and hi in per:
+                print(f"{mode}, batch {batch}: step after {hi} tokens / step after {lo} tokens = {per[hi] / per[lo]:.3f}")
 
     if args.json:
         result = {"benchmark": "decode", "preset": args.preset, "params": model.get_num_params(),
