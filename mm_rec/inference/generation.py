@@ -185,7 +185,7 @@ class TokenStream:
                 return
             with torch.inference_mode():
                 new_logits, new_states = model.step(tokens, states, expert_type=expert)
-                if not fed_real.all():
+                if self.stop_at_eot and not fed_real.all():  # (no host sync when not stopping)
                     new_states = keep_rows_where(fed_real, new_states, states)
             logits, states = new_logits, new_states
             if last:
