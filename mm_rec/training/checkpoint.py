@@ -87,7 +87,8 @@ def newest_valid_checkpoint(directory: str | os.PathLike, map_location="cpu"):
 
 
 def prune_checkpoints(directory: str | os.PathLike, stage: str, keep_last: int) -> None:
-    """Keep the newest `keep_last` mid-stage checkpoints of `stage` (0 or less keeps all)."""
+    """Keep the newest `keep_last` checkpoints of `stage` (0 or less keeps all); a finished stage's
+    final checkpoint is its newest, so it always stays."""
     if keep_last <= 0:
         return
     ours = [p for p in list_checkpoints(directory) if _NAME.match(p.name).group(1) == stage]

@@ -20,11 +20,10 @@ from typing import Optional
 import torch
 import triton
 from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
-from fla.ops.hgrn.chunk import (chunk_hgrn_bwd_kernel_h, chunk_hgrn_bwd_kernel_o,
-                                chunk_hgrn_fwd_kernel_h, chunk_hgrn_fwd_kernel_o)
+
+from .diag_scan import diag_scan_bwd, diag_scan_fwd
 
 Tensor = torch.Tensor
-_HGRN_BT = 128  # tokens per chunk of the HGRN kernels (fla's choice)
 
 
 def _gla_chunk(T: int) -> int:
@@ -35,73 +34,53 @@ def _none_if_empty(t: Tensor):
     return None if t.numel() == 0 else t
 
 
-# -- short-term memory: diagonal recurrence ---------------------------------------------------
-@torch.library.custom_op("mmrec::hgrn_fwd", mutates_args=())
-def hgrn_fwd(x: Tensor, g: Tensor, h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+# -- short-term memory: diagonal recurrence (our Triton scan, diag_scan.py) ----------------------
+@torch.library.custom_op("mmrec::diag_scan_fwd", mutates_args=())
+def scan_fwd(x: Tensor, g: Tensor, h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """x, g: [B, T, D] fp32 contiguous; h0: [B, D] fp32 or None. Returns (h fp32, h_T fp32)."""
-    B, T, D = x.shape
-    BD = min(64, triton.next_power_of_2(D))
-    gc = torch.empty_like(g)
-    h = torch.empty_like(x)
-    chunk_hgrn_fwd_kernel_h[lambda m: (triton.cdiv(D, m["BD"]) * triton.cdiv(T, _HGRN_BT), B)](
-        x, g, gc, h, h0, T=T, D=D, BT=_HGRN_BT, USE_INITIAL_STATE=h0 is not None)
-    chunk_hgrn_fwd_kernel_o[(triton.cdiv(D, BD), B)](
-        gc, h, h.stride(0), h.stride(1), h.stride(2), T=T, D=D, BT=_HGRN_BT, BD=BD,
-        num_warps=8 if BD == 64 else 4)
+    h = diag_scan_fwd(x, g, h0)
     return h, h[:, -1].clone()
 
 
-@hgrn_fwd.register_fake
+@scan_fwd.register_fake
 def _(x, g, h0):
     return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2])
 
 
-@torch.library.custom_op("mmrec::hgrn_bwd", mutates_args=())
-def hgrn_bwd(g: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor, dhT: Optional[Tensor]
+@torch.library.custom_op("mmrec::diag_scan_bwd", mutates_args=())
+def scan_bwd(g: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor, dhT: Optional[Tensor]
              ) -> tuple[Tensor, Tensor, Tensor]:
-    """Reverse scan g_t = dh_t + a_{t+1} g_{t+1}; dx = g, dlog_a_t = g_t a_t h_{t-1}, dh0 = a_0 g_0."""
-    B, T, D = h.shape
-    BD = min(64, triton.next_power_of_2(D))
+    """Reverse scan: dx_t = dh_t + a_{t+1} dx_{t+1}, dlog_a_t = dx_t a_t h_{t-1}, dh0 = a_0 dx_0."""
     dh = dh.float().contiguous()
     if dhT is not None:  # the final state is h[:, -1]: its gradient joins the last token's
         dh = dh.clone()
         dh[:, -1] += dhT
-    gc = torch.empty_like(g)
-    dx = torch.empty_like(h)
-    chunk_hgrn_bwd_kernel_h[lambda m: (triton.cdiv(D, m["BD"]) * triton.cdiv(T, _HGRN_BT), B)](
-        g, gc, dx, dh, T=T, D=D, BT=_HGRN_BT)
-    dg = torch.empty_like(g)
-    chunk_hgrn_bwd_kernel_o[(triton.cdiv(D, BD), B)](
-        g, gc, h, dx, dg, h.stride(0), h.stride(1), h.stride(2), T=T, D=D, BT=_HGRN_BT, BD=BD,
-        num_warps=8 if BD == 64 else 4)
-    if h0 is None:
-        return dx, dg, h.new_empty(0)
-    a0_g0 = dx[:, 0] * g[:, 0].exp()
-    dg[:, 0] = h0 * a0_g0  # the kernel saw h_{-1} = 0
-    return dx, dg, a0_g0
+    dx, dg = diag_scan_bwd(dh, g, h, h0)
+    dh0 = h.new_empty(0) if h0 is None else dx[:, 0] * g[:, 0].exp()
+    return dx, dg, dh0
 
 
-@hgrn_bwd.register_fake
+@scan_bwd.register_fake
 def _(g, h, h0, dh, dhT):
     dh0 = h.new_empty(0) if h0 is None else torch.empty_like(h0)
     return torch.empty_like(h), torch.empty_like(g), dh0
 
 
-def _hgrn_setup(ctx, inputs, output):
+def _scan_setup(ctx, inputs, output):
     _, g, h0 = inputs
     ctx.save_for_backward(g, output[0], h0)
     ctx.has_h0 = h0 is not None
 
 
-def _hgrn_backward(ctx, dh, dhT):
+def _scan_backward(ctx, dh, dhT):
     g, h, h0 = ctx.saved_tensors
     if dh is None:
         dh = torch.zeros_like(h)
-    dx, dg, dh0 = hgrn_bwd(g, h, h0 if ctx.has_h0 else None, dh, dhT)
+    dx, dg, dh0 = scan_bwd(g, h, h0 if ctx.has_h0 else None, dh, dhT)
     return dx, dg, (dh0 if ctx.has_h0 else None)
 
 
-hgrn_fwd.register_autograd(_hgrn_backward, setup_context=_hgrn_setup)
+scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
 
 
 def short_term_gpu(x: Tensor, log_a: Tensor, h0: Optional[Tensor] = None):
@@ -109,7 +88,7 @@ def short_term_gpu(x: Tensor, log_a: Tensor, h0: Optional[Tensor] = None):
     if x.shape[1] == 0:
         return x, (x.new_zeros(x.shape[0], x.shape[2], dtype=torch.float32) if h0 is None else h0.float())
     h0 = None if h0 is None else h0.float().contiguous()
-    h, hT = hgrn_fwd(x.float().contiguous(), log_a.float().contiguous(), h0)
+    h, hT = scan_fwd(x.float().contiguous(), log_a.float().contiguous(), h0)
     return h.to(x.dtype), hT
 
 

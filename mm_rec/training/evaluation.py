@@ -1,0 +1,42 @@
+"""Validation loss: the number the trainer logs and the `evaluate` tool reproduces.
+
+`evaluate_loss` is a pure function of its arguments (the model's weights, the data's validation
+split and the batch shape), so any tool that calls it with the same arguments gets the same value.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, domain: str, expert_type: str | None, batch_size: int, seq_len: int,
+                  max_batches: int | None = None, device=None, autocast_dtype: torch.dtype | None = None,
+                  chunk_size: int | None = None) -> float:
+    """Mean token cross-entropy (nats) of `model` on `data`'s validation split of `domain`.
+
+    Sums the per-token losses in fp32 over data.iter_eval_batches(domain, batch_size, seq_len,
+    max_batches) and divides by the token count. The model runs in eval mode under no_grad (and
+    autocast to `autocast_dtype` if given); its training mode is restored afterwards.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    try:
+        for x, y in data.iter_eval_batches(domain, batch_size, seq_len, max_batches):
+            x, y = x.to(device), y.to(device)
+            ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                   else contextlib.nullcontext())
+            with ctx:
+                logits = model(x, expert_type=expert_type, chunk_size=chunk_size)
+            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            total += losses.double()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        return float("nan")
+    return float(total.item() / count)

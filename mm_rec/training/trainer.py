@@ -1,0 +1,444 @@
+"""The staged training loop (guide §2, §4; ARCHITECTURE.md, "The three stages").
+
+    Trainer(config).run()
+
+For each stage: a fresh AdamW and warmup+cosine schedule, then steps 1..N of
+    batch (step-deterministic) -> forward under autocast -> cross-entropy -> backward
+    -> average gradients over ranks -> clip -> finite check -> AdamW step -> schedule step
+with checkpoints every `checkpoint_interval` steps and at the stage's end, validation every
+`eval_interval` steps and at the end, and metrics to metrics.jsonl / TensorBoard / wandb.
+
+Batches are a pure function of (stage, step, rank), and the checkpoint at step k holds the model,
+optimizer, scheduler and RNG states after step k, so a run resumed from it computes exactly the
+losses the uninterrupted run computes for steps k+1.. (bitwise on the CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..model.config import MMRecConfig
+from ..model.mmrec import MMRec100M
+from ..utils.errors import UserError
+from . import distributed as D
+from .checkpoint import (STAGE_ORDER, checkpoint_name, load_checkpoint, prune_checkpoints, rng_state,
+                         save_checkpoint, set_rng_state)
+from .config import TrainConfig
+from .data import open_training_data
+from .evaluation import evaluate_loss
+from .metrics import MetricsLogger, NullLogger
+from .optim import build_optimizer, build_scheduler
+from .stages import StageSpec, next_stage
+
+RULE = "=" * 60
+NAN_INJECTION_ENV = "MMREC_INJECT_NAN_AT_STEP"
+GRAD_NORM_WARNING = 10.0
+GRAD_WARNING_EVERY = 50  # steps between two large-gradient warnings
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = _resolve_device(cfg.device)
+        self.precision = cfg.precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        self.dist = D.init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.is_main = self.dist.is_main
+        self.ckpt_dir = Path(cfg.checkpoint_dir)
+        if self.is_main:
+            _check_writable(self.ckpt_dir)
+
+        self.model_config: MMRecConfig = cfg.model_config()
+        self.resume_state = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
+        if self.resume_state is not None:
+            _check_same_model(self.resume_state, self.model_config, cfg.resume_from)
+
+        self.data, self.tokenizer = open_training_data(cfg.data_dir, cfg.synthetic, self.model_config,
+                                                       verbose=self.is_main)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = MMRec100M(config=self.model_config).to(self.device)
+        self.model.use_gradient_checkpointing = cfg.gradient_checkpointing
+        if self.resume_state is not None:
+            self.model.load_state_dict(self.resume_state["model_state_dict"])
+        D.broadcast_parameters(self.model)
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+        self.log = (MetricsLogger(self.ckpt_dir, cfg.log_dir, cfg.wandb, cfg.wandb_project,
+                                  run_name=f"{cfg.preset}-{cfg.stage}", config=cfg.to_dict())
+                    if self.is_main else NullLogger())
+        from ..utils.monitoring import LOGGER_NAME, create_monitoring_hooks
+        _route_monitor_logs(LOGGER_NAME, self.is_main)
+        self.hooks = create_monitoring_hooks(self.model, checkpoint_dir=self.ckpt_dir)
+        self.lr_scale = 1.0  # set per stage in train_stage
+        self._nan_injected = False
+        self._last_grad_warning = -GRAD_WARNING_EVERY
+        if self.is_main and self.tokenizer is not None:
+            self.tokenizer.save(self.ckpt_dir / "tokenizer.json")
+
+    # -- output ----------------------------------------------------------------------------------
+    def print(self, *args) -> None:
+        if self.is_main:
+            tqdm.write(" ".join(str(a) for a in args))
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            plan = self._plan()
+            self._print_setup()
+            for name, state in plan:
+                self.train_stage(self.cfg.stage_spec(name), state)
+        finally:
+            self.log.close()
+            D.shutdown_distributed()
+
+    def _plan(self) -> list[tuple[str, dict | None]]:
+        """The stages to run, each with the checkpoint state it continues from (mid-stage) or None."""
+        wanted = self.cfg.stages()
+        state = self.resume_state
+        if state is None:
+            return [(name, None) for name in wanted]
+        ck_stage, ck_step, done = state.get("stage"), int(state.get("step", 0)), bool(state.get("stage_completed"))
+        if ck_stage not in STAGE_ORDER:
+            raise UserError(f"checkpoint {self.cfg.resume_from} names no known stage ({ck_stage!r})")
+        ck_index = STAGE_ORDER.index(ck_stage)
+        if self.cfg.stage == "all":
+            start = ck_index + 1 if done else ck_index
+            wanted = list(STAGE_ORDER[start:])
+            if not wanted:
+                self.print(f"All stages are complete in {self.cfg.resume_from}; nothing to train.")
+                return []
+        first = STAGE_ORDER.index(wanted[0])
+        if first < ck_index or (first == ck_index and done):
+            hint = f"--stage {next_stage(ck_stage)}" if next_stage(ck_stage) else "a stage3 run from scratch"
+            raise UserError(f"checkpoint {self.cfg.resume_from} is from {ck_stage} (step {ck_step}"
+                            f"{', completed' if done else ''}); it cannot resume {wanted[0]}: use {hint} or --stage all")
+        if first == ck_index:  # mid-stage: continue at ck_step + 1
+            return [(wanted[0], state)] + [(name, None) for name in wanted[1:]]
+        if not done:
+            self.print(f"note: {ck_stage} stopped at step {ck_step} before its end; "
+                       f"{wanted[0]} starts from those weights")
+        return [(name, None) for name in wanted]
+
+    def _print_setup(self) -> None:
+        n = self.model.get_num_params()
+        data = ("synthetic random tokens" if self.cfg.synthetic else
+                f"{getattr(self.data, 'data_dir', None) or self.cfg.data_dir or 'bundled corpus'}")
+        world = f", {self.dist.world_size} processes" if self.dist.enabled else ""
+        self.print(f"MM-Rec {self.cfg.preset}: {n / 1e6:.1f}M parameters | device {self.device}{world} | "
+                   f"precision {self.precision} | data: {data}")
+        if self.resume_state is not None:
+            self.print(f"Resuming from {self.cfg.resume_from} ({self.resume_state.get('stage')} "
+                       f"step {self.resume_state.get('step')})")
+
+    # -- one stage -------------------------------------------------------------------------------
+    def train_stage(self, spec: StageSpec, resume: dict | None) -> None:
+        cfg, model = self.cfg, self.model
+        model.use_fusion = spec.use_fusion
+        model.train()
+        start_step = 1
+        # --lr_scale if given; else a mid-stage resume keeps the checkpoint's scale (halved by any
+        # recovery) and a new stage starts at 1.
+        saved_scale = float(resume.get("lr_scale", 1.0)) if resume is not None else 1.0
+        self.lr_scale = cfg.lr_scale if cfg.lr_scale is not None else saved_scale
+        optimizer = build_optimizer(model, spec.learning_rate * self.lr_scale, cfg.weight_decay)
+        scheduler = build_scheduler(optimizer, spec.warmup_steps, spec.max_steps)
+        if resume is not None:
+            self._restore_training_state(resume, optimizer, scheduler, rescale=self.lr_scale / saved_scale)
+            start_step = int(resume["step"]) + 1
+            _warn_schedule_change(self, resume, spec)
+
+        self.print(f"\nStage: {spec.title}\nDescription: {spec.description}\n{RULE}\n")
+        tokens_per_step = spec.batch_size * spec.seq_len * cfg.grad_accum_steps * self.dist.world_size
+        bar = tqdm(total=spec.max_steps, initial=start_step - 1, desc=f"Stage {spec.name}",
+                   disable=not self.is_main, dynamic_ncols=True)
+        losses: list[float] = []
+        last_loss = float("nan")
+        step = start_step
+        try:
+            while step <= spec.max_steps:
+                t0 = time.perf_counter()
+                loss, grad_norm, lr, memory = self._train_step(spec, step, optimizer)
+                if not (self.hooks["stability_monitor"].check_outputs({"loss": loss, "grad_norm": grad_norm}, step)):
+                    optimizer.zero_grad(set_to_none=True)
+                    step, optimizer, scheduler = self._recover(spec, step, loss, optimizer, scheduler, bar)
+                    continue
+                self.scaler.step(optimizer)
+                self.scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                last_loss = float(loss)
+                losses.append(last_loss)
+                seconds = time.perf_counter() - t0
+                tok_s = tokens_per_step / max(seconds, 1e-9)
+                gn = float(grad_norm)
+                self.log.log_train(spec.name, step, loss=last_loss, lr=lr, grad_norm=gn, tokens_per_s=tok_s,
+                                   step_time_s=seconds, lr_scale=self.lr_scale)
+                if memory:
+                    self.log.log_memory(spec.name, step, memory)
+                if gn > GRAD_NORM_WARNING and step - self._last_grad_warning >= GRAD_WARNING_EVERY:
+                    self._last_grad_warning = step
+                    self.print(f"⚠️ Large gradient norm {gn:.1f} at step {step} (> {GRAD_NORM_WARNING:g}; "
+                               f"clipped to {cfg.gradient_clip_norm:g})")
+                bar.set_postfix({"loss": f"{last_loss:.4f}", "avg_loss": f"{sum(losses) / len(losses):.4f}",
+                                 "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}, refresh=False)
+                bar.update(1)
+
+                last = step == spec.max_steps
+                val = None
+                if last or (spec.eval_interval and step % spec.eval_interval == 0):
+                    val = self._evaluate(spec, step)
+                if last or step % spec.checkpoint_interval == 0:
+                    self._save(spec, step, last_loss, optimizer, scheduler, completed=last, val_losses=val)
+                step += 1
+        finally:  # closed before any error line, so that line is the last one printed
+            bar.close()
+        if self.is_main:
+            self.log.plot_stage(spec.name)
+        self.print(f"✅ Stage {spec.name} training completed!")
+
+    def _train_step(self, spec: StageSpec, step: int, optimizer):
+        """Forward and backward of one optimizer step. Returns (loss averaged over ranks and
+        micro-batches, gradient norm before clipping, the step's lr, memory norms or None)."""
+        cfg, accum = self.cfg, self.cfg.grad_accum_steps
+        kind, expert_type = spec.batch_plan(step)
+        interval = cfg.resolved_memory_log_interval()
+        want_memory = self.is_main and interval > 0 and step % interval == 0
+        memory = None
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            # Micro-batches get their own data key, so changing grad_accum_steps changes nothing else.
+            key = (step - 1) * accum + micro + 1
+            x, y = self.data.get_batch(kind, key, spec.batch_size, spec.seq_len, seed=cfg.seed,
+                                       rank=self.dist.rank, world_size=self.dist.world_size, split="train")
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            return_memory = want_memory and micro == 0
+            with self._autocast():
+                out = self.forward_model(x, expert_type=expert_type, chunk_size=cfg.chunk_size,
+                                         return_memory=return_memory)
+            logits, states = out if return_memory else (out, None)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
+            if self._inject_nan(step):
+                loss = loss * float("nan")
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+            if states is not None:
+                memory = self.hooks["memory_hook"](states, step)
+        D.all_reduce_gradients(self.model, self.dist.world_size)
+        loss = D.all_reduce_mean(total, self.dist.world_size)
+        self.scaler.unscale_(optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_norm)
+        if self.scaler.is_enabled() and torch.isfinite(loss):
+            # fp16: an overflowing gradient is routine; GradScaler skips the step and lowers the scale.
+            grad_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
+        return loss, grad_norm, optimizer.param_groups[0]["lr"], memory
+
+    def _inject_nan(self, step: int) -> bool:
+        """The recovery drill: MMREC_INJECT_NAN_AT_STEP=k makes step k's loss NaN, once per process."""
+        target = os.environ.get(NAN_INJECTION_ENV)
+        if self._nan_injected or not target or int(target) != step:
+            return False
+        self._nan_injected = True
+        return True
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- recovery --------------------------------------------------------------------------------
+    def _recover(self, spec, step, loss, optimizer, scheduler, bar):
+        """Roll back to the newest loadable checkpoint after a non-finite step.
+        Returns (the step to run next, optimizer, scheduler)."""
+        recovery = self.hooks["recovery"]
+        what = "loss" if not math.isfinite(float(loss)) else "gradient norm"
+        used_up = recovery.attempts >= recovery.max_attempts
+        D.barrier()  # rank 0 may still be writing a checkpoint
+        ok, path = recovery.recover(self.model, optimizer, scheduler)
+        if not ok:
+            reason = (f"all {recovery.max_attempts} recovery attempts are used up" if used_up else
+                      f"no checkpoint in {self.ckpt_dir} to recover from")
+            self.log.log_event("recovery", spec.name, step, success=False, message=reason)
+            raise UserError(f"non-finite {what} at step {step} of {spec.name} and {reason}; "
+                            f"existing checkpoints are untouched (try a lower --learning_rate or --lr_scale)")
+        state = recovery.last_state
+        self.lr_scale *= recovery.lr_factor
+        if state["stage"] == spec.name and not state.get("stage_completed"):
+            next_step = int(state["step"]) + 1
+        elif state.get("stage_completed") and next_stage(state["stage"]) == spec.name:
+            # The newest checkpoint is the previous stage's end: restart this stage at the lower LR.
+            optimizer = build_optimizer(self.model, spec.learning_rate * self.lr_scale, self.cfg.weight_decay)
+            scheduler = build_scheduler(optimizer, spec.warmup_steps, spec.max_steps)
+            next_step = 1
+        else:
+            raise UserError(f"non-finite {what} at step {step}: the newest checkpoint {path} is from "
+                            f"{state['stage']}, not {spec.name}; resume explicitly with --resume_from")
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        if state.get("scaler_state_dict") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler_state_dict"])
+        message = (f"⚠️ Non-finite {what} at step {step}: recovered from {path}, learning rate "
+                   f"x{recovery.lr_factor:g} (now x{self.lr_scale:g}); continuing at step {next_step}")
+        self.print(message)
+        self.log.log_event("recovery", spec.name, step, success=True, checkpoint=str(path),
+                           resume_step=next_step, lr_scale=self.lr_scale, message=message)
+        bar.n = next_step - 1
+        bar.refresh()
+        return next_step, optimizer, scheduler
+
+    def _restore_training_state(self, state, optimizer, scheduler, rescale: float = 1.0) -> None:
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+        scheduler.load_state_dict(state["scheduler_state_dict"])
+        if rescale != 1.0:  # --lr_scale given on resume and different from the checkpoint's scale
+            scheduler.base_lrs = [lr * rescale for lr in scheduler.base_lrs]
+            for group in optimizer.param_groups:
+                group["initial_lr"] *= rescale
+                group["lr"] *= rescale
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        if state.get("scaler_state_dict") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler_state_dict"])
+
+    # -- evaluation and checkpoints --------------------------------------------------------------
+    def _evaluate(self, spec: StageSpec, step: int) -> dict[str, float] | None:
+        if not self.is_main:
+            return None
+        losses = {domain: evaluate_loss(self.model, self.data, domain, expert_type, spec.batch_size,
+                                        spec.seq_len, max_batches=self.cfg.eval_batches, device=self.device,
+                                        autocast_dtype=self.autocast_dtype, chunk_size=self.cfg.chunk_size)
+                  for domain, expert_type in spec.eval_plan()}
+        self.log.log_eval(spec.name, step, losses)
+        self.print(f"📊 {spec.name} step {step}: " +
+                   ", ".join(f"val_loss_{d}={v:.4f}" for d, v in losses.items()))
+        return losses
+
+    def _save(self, spec, step, loss, optimizer, scheduler, completed, val_losses=None) -> None:
+        D.barrier()
+        if self.is_main:
+            model_config = self.model.config.to_dict()
+            model_config["use_fusion"] = bool(self.model.use_fusion)
+            state = {
+                "model_state_dict": self.model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "scheduler_state_dict": scheduler.state_dict(),
+                "step": step,
+                "loss": loss,
+                "stage": spec.name,
+                "config": model_config,
+                "train_args": self.cfg.to_dict(),
+                "rng": rng_state(),
+                "data_position": {"stage": spec.name, "next_step": step + 1, "seed": self.cfg.seed},
+                "stage_completed": completed,
+                "lr_scale": self.lr_scale,
+                "val_losses": val_losses,
+                "tokenizer": None if self.tokenizer is None else self.tokenizer.to_json(),
+            }
+            if self.scaler.is_enabled():
+                state["scaler_state_dict"] = self.scaler.state_dict()
+            path = self.ckpt_dir / checkpoint_name(spec.name, step)
+            try:
+                save_checkpoint(state, path)
+            except OSError as e:
+                raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; "
+                                f"earlier checkpoints are intact") from None
+            self.print(f"💾 Checkpoint saved: {_display(path)}")
+            prune_checkpoints(self.ckpt_dir, spec.name, self.cfg.keep_last)
+        D.barrier()
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the directory cannot be written."""
+    probe = directory / f".write_test_{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to checkpoint directory {directory} ({e.strerror or e}); "
+                        f"pick another --checkpoint_dir") from None
+
+
+def _check_same_model(state: dict, config: MMRecConfig, path) -> None:
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {path} has no model config; it is not an MM-Rec training checkpoint")
+    ours = config.arch_dict()
+    theirs = {k: saved.get(k) for k in ours}
+    if isinstance(theirs.get("expert_names"), (list, tuple)):
+        theirs["expert_names"] = list(theirs["expert_names"])
+    ours["expert_names"] = list(ours["expert_names"])
+    diff = [k for k in ours if theirs[k] != ours[k]]
+    if diff:
+        shown = ", ".join(f"{k}={theirs[k]} (flags: {ours[k]})" for k in diff)
+        flags = " ".join(f"--{k} {theirs[k]}" for k in diff if k in ("vocab_size", "expert_dim", "num_layers",
+                                                                      "num_heads", "ffn_dim"))
+        preset = (state.get("train_args") or {}).get("preset")
+        hint = f"--preset {preset}" if preset else ""
+        hint = " ".join(h for h in (hint, flags) if h) or "the model flags it was trained with"
+        raise UserError(f"checkpoint {path} is of another model: {shown}; resume it with {hint}")
+
+
+def _warn_schedule_change(trainer: Trainer, state: dict, spec: StageSpec) -> None:
+    before = state.get("train_args") or {}
+    changed = [f"{k} {before[k]} -> {getattr(trainer.cfg, k)}"
+               for k in ("batch_size", "seq_len", "max_steps", "learning_rate", "warmup_steps", "grad_accum_steps",
+                         "seed", "preset")
+               if k in before and before[k] != getattr(trainer.cfg, k)]
+    if changed:
+        trainer.print(f"note: resuming {spec.name} with changed settings: {', '.join(changed)}")
+
+
+def _route_monitor_logs(name: str, is_main: bool) -> None:
+    """Monitoring warnings appear as lines above the progress bar (rank 0 only), not on stderr."""
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        if getattr(h, "_mmrec_trainer", False):
+            logger.removeHandler(h)
+    handler = _TqdmHandler() if is_main else logging.NullHandler()
+    handler._mmrec_trainer = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        tqdm.write(f"⚠️ {record.getMessage()}")
+
+
+def _display(path: Path) -> str:
+    """./checkpoints/x.pt for a relative --checkpoint_dir, as in the guide."""
+    s = str(path)
+    return s if path.is_absolute() or s.startswith(".") else f"./{s}"
+
+
+__all__ = ["Trainer"]

@@ -1,0 +1,287 @@
+"""The training program on real data with tiny models: learning, stage semantics, resume, safe saves,
+recovery, logs. Each run goes through `train_modular.main`, exactly as the CLI does."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm_rec.data.corpus import ensure_default_corpus
+from mm_rec.data.loader import TokenData
+from mm_rec.model import MMRec100M, MMRecConfig
+from mm_rec.scripts import train_modular
+from mm_rec.training import checkpoint as ckpt_module
+from mm_rec.training.checkpoint import load_checkpoint
+from mm_rec.training.evaluation import evaluate_loss
+from mm_rec.training.metrics import read_metrics
+from mm_rec.training.optim import lr_factor, param_groups
+from mm_rec.utils.errors import run_cli
+
+MODEL = ["--vocab_size", "512", "--expert_dim", "32", "--num_layers", "1", "--num_heads", "2", "--ffn_dim", "64"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A small real corpus (prose prefixes + some stdlib code) with a 512-token tokenizer."""
+    return ensure_default_corpus(512, cache_dir=tmp_path_factory.mktemp("cache"), verbose=False,
+                                 prose_max_bytes=60_000, code_max_bytes=300_000)
+
+
+def train(data_dir, ckpt_dir, *args, expect=0) -> int:
+    argv = ["--preset", "tiny", *MODEL, "--data_dir", str(data_dir), "--checkpoint_dir", str(ckpt_dir),
+            "--seq_len", "32", "--batch_size", "4", "--eval_batches", "2", "--memory_log_interval", "0", *args]
+    code = run_cli(train_modular.main, argv)
+    assert code == expect
+    return code
+
+
+def losses(ckpt_dir, stage=None) -> dict[tuple[str, int], float]:
+    rows = read_metrics(Path(ckpt_dir) / "metrics.jsonl")
+    return {(r["stage"], r["step"]): r["loss"] for r in rows if stage is None or r["stage"] == stage}
+
+
+def model_from(state) -> MMRec100M:
+    cfg = dict(state["config"])
+    use_fusion = cfg.pop("use_fusion")
+    model = MMRec100M(config=MMRecConfig(**cfg))
+    model.load_state_dict(state["model_state_dict"])
+    model.use_fusion = use_fusion
+    return model
+
+
+# -- learning ------------------------------------------------------------------------------------
+def test_loss_falls_well_below_its_start_on_real_data(data_dir, tmp_path):
+    train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "40", "--warmup_steps", "5",
+          "--learning_rate", "1e-2", "--checkpoint_interval", "40")
+    curve = [v for _, v in sorted(losses(tmp_path).items())]
+    assert len(curve) == 40
+    start, end = curve[0], sum(curve[-5:]) / 5
+    assert start > 5.5  # about ln(512) = 6.24 at initialisation
+    assert end < start - 0.7, (start, end)  # measured: 6.28 -> 5.35
+    # the final validation loss is logged and also fell
+    ev = read_metrics(tmp_path / "metrics.jsonl", type="eval")[-1]
+    assert ev["stage"] == "stage1" and ev["step"] == 40
+    assert ev["val_loss_text"] < start - 0.6 and ev["val_loss_code"] < start - 0.6
+
+
+# -- the three stages ----------------------------------------------------------------------------
+def _code_expert_entries(state):
+    """(parameter tensors, AdamW state tensors) of the code expert in a checkpoint."""
+    model = model_from(state)
+    index = {id(p): i for i, p in enumerate(p for g in param_groups(model, 0.1) for p in g["params"])}
+    names = {id(p): n for n, p in model.named_parameters()}
+    params, opt = {}, {}
+    for p in model.code_expert.parameters():
+        params[names[id(p)]] = state["model_state_dict"][names[id(p)]]
+        opt[names[id(p)]] = state["optimizer_state_dict"]["state"].get(index[id(p)])
+    return params, opt
+
+
+def test_stage2_leaves_the_idle_expert_bit_identical(data_dir, tmp_path):
+    train(data_dir, tmp_path, "--stage", "stage2", "--max_steps", "3", "--checkpoint_interval", "1",
+          "--eval_interval", "0")
+    s2, s3 = (load_checkpoint(tmp_path / f"checkpoint_stage2_step_{n}.pt") for n in (2, 3))
+    # step 3 is a text step (steps 1, 3, ... text; 2, 4, ... code): the code expert, trained at step 2,
+    # must come out of step 3 with the same weights and the same AdamW moments, bit for bit.
+    p2, o2 = _code_expert_entries(s2)
+    p3, o3 = _code_expert_entries(s3)
+    for name in p2:
+        assert torch.equal(p2[name], p3[name]), name
+        assert o2[name] is not None  # it did train at step 2
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(o2[name][key], o3[name][key]), (name, key)
+    # while the text expert did move, and the fusion layer never trains before stage 3
+    text_moved = [k for k in s2["model_state_dict"] if k.startswith("experts.text.")
+                  and not torch.equal(s2["model_state_dict"][k], s3["model_state_dict"][k])]
+    assert text_moved
+    fusion_w = s3["model_state_dict"]["fusion.linear.weight"] if "fusion.linear.weight" in s3["model_state_dict"] \
+        else next(v for k, v in s3["model_state_dict"].items() if k.startswith("fusion.") and v.dim() == 2)
+    assert torch.equal(fusion_w, torch.eye(fusion_w.shape[0]))
+
+
+def test_guide_workflow_stage_by_stage_and_fusion_starts_at_identity(data_dir, tmp_path):
+    steps = ["--max_steps", "4", "--checkpoint_interval", "2", "--eval_interval", "0"]
+    train(data_dir, tmp_path, "--stage", "stage1", *steps)
+    s1 = load_checkpoint(tmp_path / "checkpoint_stage1_step_4.pt")
+    assert s1["stage_completed"] and s1["stage"] == "stage1" and s1["step"] == 4
+    # the guide's keys, and weights_only loading
+    raw = torch.load(tmp_path / "checkpoint_stage1_step_4.pt", weights_only=True)
+    for key in ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "step", "loss", "stage",
+                "config", "rng", "data_position", "train_args", "lr_scale", "tokenizer"):
+        assert key in raw, key
+    assert raw["data_position"] == {"stage": "stage1", "next_step": 5, "seed": 1337}
+    assert json.loads(raw["tokenizer"])["model"]["type"] == "BPE"
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "loss_stage1.png").stat().st_size > 1000
+
+    # Stage 2 from the finished Stage 1 (guide §4.2): a fresh optimizer, steps counted from 1.
+    train(data_dir, tmp_path, "--stage", "stage2", "--resume_from", str(tmp_path / "checkpoint_stage1_step_4.pt"),
+          *steps)
+    s2 = load_checkpoint(tmp_path / "checkpoint_stage2_step_4.pt")
+    model = model_from(s2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in param_groups(model, 0.1) for p in g["params"]]
+    counts = {order[i]: float(v["step"]) for i, v in s2["optimizer_state_dict"]["state"].items()}
+    # nothing carried over from stage 1's 4 steps: each expert took 2 of the 4 steps, shared parts 4
+    assert {c for n, c in counts.items() if n.startswith("experts.")} == {2.0}
+    assert {c for n, c in counts.items() if not n.startswith("experts.")} == {4.0}
+
+    # --stage all from the finished Stage 2 runs Stage 3 only.
+    train(data_dir, tmp_path, "--stage", "all", "--resume_from", str(tmp_path / "checkpoint_stage2_step_4.pt"),
+          *steps)
+    logged = losses(tmp_path)
+    assert {s for s, _ in logged} == {"stage1", "stage2", "stage3"}
+    assert sorted(n for s, n in logged if s == "stage3") == [1, 2, 3, 4]
+    s3 = load_checkpoint(tmp_path / "checkpoint_stage3_step_4.pt")
+    assert s3["stage_completed"] and s3["config"]["use_fusion"] is True
+
+    # Fusion starts at the identity: Stage 2's final weights give Stage 3's first loss on its batch,
+    # whether the fusion layer is on or off.
+    model = model_from(s2)
+    x, y = TokenData(data_dir).get_batch("mixed", 1, 4, 32, seed=1337)
+    with torch.no_grad():
+        off = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+        model.use_fusion = True
+        on = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert on == off
+    assert logged[("stage3", 1)] == pytest.approx(off, rel=0, abs=1e-6)
+
+
+# -- resume --------------------------------------------------------------------------------------
+def test_kill_and_resume_gives_the_uninterrupted_losses_bitwise(data_dir, tmp_path, monkeypatch):
+    run = ["--stage", "stage1", "--max_steps", "7", "--checkpoint_interval", "3", "--eval_interval", "0",
+           "--warmup_steps", "2"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train(data_dir, straight, *run)
+
+    from mm_rec.training.trainer import Trainer
+    original = Trainer._train_step
+
+    def killed_at_step_5(self, spec, step, optimizer):
+        if step == 5:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of step 5
+        return original(self, spec, step, optimizer)
+
+    monkeypatch.setattr(Trainer, "_train_step", killed_at_step_5)
+    train(data_dir, broken, *run, expect=130)
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    assert sorted(n for _, n in losses(broken)) == [1, 2, 3, 4]
+
+    train(data_dir, broken, *run, "--resume_from", str(broken / "checkpoint_stage1_step_3.pt"))
+    rows = read_metrics(broken / "metrics.jsonl")
+    resumed = [r for r in rows[4:]]
+    assert [r["step"] for r in resumed] == [4, 5, 6, 7]  # continues at step 3 + 1
+    want = losses(straight)
+    for r in resumed:
+        assert r["loss"] == want[("stage1", r["step"])], r["step"]  # bitwise
+    a = load_checkpoint(straight / "checkpoint_stage1_step_7.pt")["model_state_dict"]
+    b = load_checkpoint(broken / "checkpoint_stage1_step_7.pt")["model_state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_loadable(data_dir, tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def crashing_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: write part of it, then the disk fills up
+            f.write(b"PK\x03\x04 partial checkpoint")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module.torch, "save", crashing_save)
+    train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "4", "--checkpoint_interval", "2",
+          "--eval_interval", "0", expect=2)
+    assert load_checkpoint(tmp_path / "checkpoint_stage1_step_2.pt")["step"] == 2
+    assert not (tmp_path / "checkpoint_stage1_step_4.pt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_keep_last_prunes_older_mid_stage_checkpoints(data_dir, tmp_path):
+    train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "5", "--checkpoint_interval", "1",
+          "--eval_interval", "0", "--keep_last", "2")
+    names = sorted(p.name for p in tmp_path.glob("checkpoint_*.pt"))
+    assert names == ["checkpoint_stage1_step_4.pt", "checkpoint_stage1_step_5.pt"]
+
+
+# -- recovery (issue 5 hooks in the loop) -----------------------------------------------------------
+def test_nan_at_a_step_recovers_from_the_newest_checkpoint_at_half_lr(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MMREC_INJECT_NAN_AT_STEP", "5")
+    train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "6", "--checkpoint_interval", "2",
+          "--eval_interval", "0", "--warmup_steps", "0")
+    out = capsys.readouterr().out
+    assert "recovered from" in out and "checkpoint_stage1_step_4.pt" in out
+    rows = read_metrics(tmp_path / "metrics.jsonl", type=None)
+    rec = [r for r in rows if r["type"] == "recovery"]
+    assert len(rec) == 1 and rec[0]["success"] and rec[0]["step"] == 5 and rec[0]["resume_step"] == 5
+    train_rows = [r for r in rows if r["type"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]  # the NaN step is retried, not logged
+    assert all(r["lr_scale"] == (0.5 if r["step"] >= 5 else 1.0) for r in train_rows)
+    # step 5's lr is half what the schedule gives it
+    lr5 = next(r["lr"] for r in train_rows if r["step"] == 5)
+    assert lr5 == pytest.approx(0.5 * 3e-3 * lr_factor(4, 0, 6))
+    assert load_checkpoint(tmp_path / "checkpoint_stage1_step_6.pt")["lr_scale"] == 0.5
+
+
+def test_nan_before_any_checkpoint_stops_with_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MMREC_INJECT_NAN_AT_STEP", "2")
+    train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "4", "--checkpoint_interval", "3",
+          "--eval_interval", "0", expect=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: non-finite loss at step 2") and "no checkpoint" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert list(tmp_path.glob("checkpoint_*.pt")) == []
+
+
+# -- logs ----------------------------------------------------------------------------------------
+def test_metrics_tensorboard_and_memory_norms(data_dir, tmp_path):
+    train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "4", "--checkpoint_interval", "4",
+          "--eval_interval", "2", "--memory_log_interval", "2")
+    rows = read_metrics(tmp_path / "metrics.jsonl", type=None)
+    train_rows = [r for r in rows if r["type"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for r in train_rows:
+        assert r["stage"] == "stage1" and r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and r["lr"] > 0
+    assert [r["step"] for r in rows if r["type"] == "eval"] == [2, 4]
+    memory = [r for r in rows if r["type"] == "memory"]
+    assert [r["step"] for r in memory] == [2, 4] and memory[0]["text/layer_0/h"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"Loss/train", "LearningRate", "GradNorm", "TokensPerSec", "Loss/val_text", "Loss/val_code"} <= tags
+    assert [e.value for e in acc.Scalars("Loss/train")] == pytest.approx([r["loss"] for r in train_rows])
+
+
+def test_evaluate_loss_is_the_mean_token_cross_entropy(data_dir):
+    torch.manual_seed(0)
+    model = MMRec100M(config=MMRecConfig(vocab_size=512, expert_dim=32, num_layers=1, num_heads=2, ffn_dim=64))
+    model.train()
+    data = TokenData(data_dir)
+    got = evaluate_loss(model, data, "code", "code", batch_size=3, seq_len=16, max_batches=2)
+    assert model.training
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in list(data.iter_eval_batches("code", 3, 16, 2)):
+            logits = model(x, expert_type="code")
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+    assert got == pytest.approx(total / count, rel=1e-6)
+
+
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.1)
+    model = MMRec100M(config=MMRecConfig(vocab_size=300, expert_dim=16, num_layers=1, num_heads=2, ffn_dim=32))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert any(p is model.embedding.weight for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
