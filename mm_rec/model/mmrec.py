@@ -18,6 +18,7 @@ from .config import MMRecConfig
 from .expert import ExpertModule
 from .fusion import FusionLayer
 from .norms import RMSNorm
+from .stacked import stacked_experts_forward
 
 EXPERT_TYPES = (None, "text", "code", "fused")
 
@@ -44,8 +45,9 @@ class MMRec100M(nn.Module):
     # -- switches --------------------------------------------------------------------------------
     @property
     def use_kernel_fusion(self) -> bool:
-        """Fused input projection and, on CUDA, the fused recurrence kernels (default True).
-        False runs the same maths as separate projections and the plain PyTorch recurrences."""
+        """Fused input projection, both experts as one batched computation (model/stacked.py) and,
+        on CUDA, the recurrence kernels (default True). False runs the same maths expert by
+        expert, as separate projections, on the plain PyTorch recurrences."""
         return self._use_kernel_fusion
 
     @use_kernel_fusion.setter
@@ -98,6 +100,12 @@ class MMRec100M(nn.Module):
         x = self.embedding(input_ids)
         features, new_states = {}, {}
         ckpt = self.use_gradient_checkpointing and self.training
+        if len(active) > 1 and self._use_kernel_fusion:  # all experts as one batched computation
+            states = None
+            if memory_states is not None and any(memory_states.get(n) is not None for n in active):
+                states = [memory_states.get(n) or self._zero_states(n, x) for n in active]
+            outs, new = stacked_experts_forward([self.experts[n] for n in active], x, states, ckpt)
+            return self._head(dict(zip(active, outs)), x), dict(zip(active, new))
         for name in active:
             states = None if memory_states is None else memory_states.get(name)
             features[name], new_states[name] = self.experts[name](x, states, gradient_checkpointing=ckpt)
@@ -143,6 +151,10 @@ class MMRec100M(nn.Module):
             states = None if memory_states is None else memory_states.get(name)
             features[name], new_states[name] = self.experts[name].step(x, states)
         return self._head(features, x), new_states
+
+    def _zero_states(self, name: str, x: torch.Tensor) -> list:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return [b.init_state(x.shape[0], x.device, dtype) for b in self.experts[name].blocks]
 
     def init_memory_states(self, batch_size: int, expert_type: str | None = None, device=None,
                            dtype=torch.float32) -> dict:
