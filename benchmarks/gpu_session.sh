@@ -1,23 +1,64 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels and Triton cache, run the GPU tests, then the
-# benchmark (and whatever else is named), logs and JSON under $OUT. Usage:
-#   bash benchmarks/gpu_session.sh "tests bench" [bench args...]
+# One call on a lent GPU machine: install the carried fla-core wheel, then run the named phases,
+# logs and JSON under $OUT. The working tree carries .whl/ (fla-core wheel) and, for the training
+# phases, .gpu_data/default32k (the default corpus prepared here: python -c "from mm_rec.data.corpus
+# import ensure_default_corpus; ensure_default_corpus(32000)", copied from ~/.cache/mm_rec).
+#   bash benchmarks/gpu_session.sh tests bench        # GPU tests, training-step benchmark
+#   bash benchmarks/gpu_session.sh decode train ddp   # decode latency, real runs, 2-GPU DDP
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
-mkdir -p /tmp/tc
-for t in .whl/*triton_cache*.tgz; do [ -f "$t" ] && tar xzf "$t" -C /tmp/tc; done
-export TRITON_CACHE_DIR=/tmp/tc
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,power.limit --format=csv | tee "$OUT/nvidia_smi.txt"
-what=$1; shift
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 git rev-parse HEAD 2>/dev/null | tee "$OUT/commit.txt"
-if [[ $what == *tests* ]]; then
-  timeout 240 python3 -m pytest tests/test_gpu_ops.py -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-  echo "gpu tests rc=$?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
-  grep -E "^(short|long)" "$OUT/gpu_tests.log" | sort -k5 -g | tail -4
+DATA=${DATA:-.gpu_data/default32k}
+RUNS=${RUNS:-/tmp/runs}
+STEPS=${STEPS:-60}          # optimizer steps per stage in the training phases
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+PHASES="$*"
+
+if has tests; then
+  timeout ${TESTS_TIMEOUT:-200} python3 -m pytest tests/test_gpu_ops.py -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
+  grep -E "^(short|long)" "$OUT/gpu_tests.log" | sort -k3 -g | tail -3
 fi
-if [[ $what == *bench* ]]; then
-  timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_train.py --out "$OUT/bench_train.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ *warm-up" | tail -60
+if has bench; then
+  timeout ${BENCH_TIMEOUT:-360} python3 benchmarks/bench_train.py --out "$OUT/bench_train.json" \
+      ${BENCH_ARGS:---shapes stage1,stage2,8x8192 --pytorch-max-tokens 4096 --repeats 5 --steps 3} \
+      > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; grep -v "warm-up" "$OUT/bench.log" | tail -25
 fi
-tar czf "$OUT/triton_cache.tgz" -C /tmp/tc . && ls -la "$OUT"
+if has decode; then
+  timeout 150 python3 benchmarks/bench_decode.py --device cuda --preset 100m --contexts 1024 65536 \
+      --batch_sizes 1 32 --cuda_graph --json "$OUT/decode_cuda.json" > "$OUT/decode.log" 2>&1
+  echo "decode rc=$?"; tail -8 "$OUT/decode.log"
+fi
+train() {  # train NAME NPROC BATCHES(stage1,2,3) [extra args]: the three stages, STEPS each
+  local name=$1 nproc=$2 b=(${3//,/ }); shift 3
+  local launch="python3 -m mm_rec.scripts.train_modular"
+  [[ $nproc -gt 1 ]] && launch="torchrun --standalone --nproc_per_node=$nproc -m mm_rec.scripts.train_modular"
+  for i in 1 2 3; do
+    local resume=()
+    [[ $i -gt 1 ]] && resume=(--resume_from "$RUNS/$name/checkpoint_stage$((i - 1))_step_$STEPS.pt")
+    $launch --stage stage$i --data_dir $DATA --checkpoint_dir $RUNS/$name --batch_size ${b[$((i - 1))]} \
+        --max_steps $STEPS --checkpoint_interval $((STEPS / 2)) --eval_interval 0 --eval_batches 4 \
+        --warmup_steps 10 "${resume[@]}" "$@" ${TRAIN_ARGS:-} >> "$OUT/train_$name.log" 2>&1 || { echo "run $name stage$i failed"; tail -5 "$OUT/train_$name.log"; return 1; }
+  done
+}
+if has train; then
+  train single 1 4,2,4
+  python3 benchmarks/compare_runs.py $RUNS/single --json "$OUT/train_single.json"
+fi
+if has ddp; then
+  train ddp2_same_global 2 2,1,2       # the same global batch as "single": losses must agree
+  train ddp2 2 4,2,4                   # the guide's batch per GPU: scaling
+  # a 2-GPU mid-stage checkpoint resumed on 1 GPU (same global batch): must continue like "single"
+  python3 -m mm_rec.scripts.train_modular --stage stage1 --data_dir $DATA --checkpoint_dir $RUNS/resume1 \
+      --batch_size 4 --max_steps $STEPS --checkpoint_interval $STEPS --eval_interval 0 --eval_batches 4 \
+      --warmup_steps 10 --resume_from $RUNS/ddp2_same_global/checkpoint_stage1_step_$((STEPS / 2)).pt ${TRAIN_ARGS:-} >> "$OUT/train_resume1.log" 2>&1 \
+      || { echo "resume failed"; tail -5 "$OUT/train_resume1.log"; }
+  python3 benchmarks/compare_runs.py $RUNS/single $RUNS/ddp2_same_global $RUNS/resume1 $RUNS/ddp2 \
+      --json "$OUT/train_ddp.json"
+fi
+ls "$OUT"

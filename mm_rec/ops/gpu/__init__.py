@@ -11,6 +11,16 @@ import torch
 if not torch.cuda.is_available():
     raise ImportError("mm_rec.ops.gpu needs CUDA")
 
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# fla-core autotunes each kernel on its first call (~210 s on a fresh H100). Its GLA kernels at our
+# head size (d_h = 32) run with the configs tuned once on an H100 (Triton 3.6, fla-core 0.6.0) and
+# shipped in fla_configs/. Set FLA_CACHE_MODE yourself (e.g. "disabled") to autotune instead.
+if "FLA_CACHE_MODE" not in os.environ:
+    os.environ["FLA_CACHE_MODE"] = "default"
+    os.environ.setdefault("FLA_CONFIG_DIR", str(Path(__file__).with_name("fla_configs")))
+
 from .. import register_gpu_backend  # noqa: E402
 from .recurrences import long_term_gpu, short_term_gpu  # noqa: E402
 
