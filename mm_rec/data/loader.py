@@ -5,9 +5,12 @@ packed across document boundaries and never padded. A batch is a pure function o
 (seed, split, kind, step, rank, world_size, batch_size, seq_len): resuming at step N gives
 exactly the batches an uninterrupted run would, with no sampler state to save.
 
-Data parallel: each domain's memmap is cut into world_size contiguous, equal token ranges and
-rank r draws whole windows inside range r only, so two ranks never share a window start or
-even a token. (Changing world_size on resume therefore changes the batches.)
+Data parallel: the windows of a step are drawn for the whole global batch of world_size *
+batch_size rows, exactly as one process with that batch size would draw them, and rank r takes
+rows r*batch_size .. (r+1)*batch_size - 1. So N processes with batch B train on the same global
+batch as one process with batch N*B (and a checkpoint resumes under another world size with the
+same batches). Within a step no window is drawn twice (a repeated start is redrawn), so two
+ranks never share a window.
 
 kind "mixed": row i of the global batch is text when its global row number
 g = (step * world_size + rank) * batch_size + i is even, code when odd. With an even batch
@@ -122,16 +125,29 @@ class TokenData:
                        rank: int = 0, world_size: int = 1, split: str = "train") -> list[tuple[str, int]]:
         """(domain, start) of each row's window: the sampling behind `get_batch`."""
         _check_batch_args(kind, step, batch_size, seq_len, rank, world_size)
-        domains = domains_for_rows(kind, step, batch_size, rank, world_size)
-        rng = _rng(seed, split, kind, step, rank, world_size)
-        starts = [0] * batch_size
+        first = rank * batch_size  # this rank's rows of the global batch
+        return self._global_windows(kind, step, batch_size * world_size, seq_len, seed, split)[first:first + batch_size]
+
+    def _global_windows(self, kind: str, step: int, total: int, seq_len: int, seed: int,
+                        split: str) -> list[tuple[str, int]]:
+        """The windows of all `total` rows of a step's global batch (independent of the world size)."""
+        domains = domains_for_rows(kind, step, total)
+        rng = _rng(seed, split, kind, step)
+        starts = [0] * total
         for domain in DOMAINS:  # fixed order: draws do not depend on dict or set order
             rows = [i for i, d in enumerate(domains) if d == domain]
             if not rows:
                 continue
-            lo, hi = self._rank_range(domain, split, seq_len, rank, world_size)
-            drawn = lo + rng.integers(0, hi - lo - seq_len, size=len(rows))
-            for i, s in zip(rows, drawn.tolist()):
+            n_starts = self._num_starts(domain, split, seq_len)
+            drawn = rng.integers(0, n_starts, size=len(rows)).tolist()
+            if len(set(drawn)) < len(drawn) and n_starts >= len(drawn):
+                seen: set[int] = set()  # redraw repeats: no two rows (so no two ranks) share a window
+                for j, s in enumerate(drawn):
+                    while s in seen:
+                        s = int(rng.integers(0, n_starts))
+                    seen.add(s)
+                    drawn[j] = s
+            for i, s in zip(rows, drawn):
                 starts[i] = s
         return list(zip(domains, starts))
 
@@ -145,14 +161,13 @@ class TokenData:
         block = torch.from_numpy(block)
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()
 
-    def _rank_range(self, domain: str, split: str, seq_len: int, rank: int, world_size: int) -> tuple[int, int]:
+    def _num_starts(self, domain: str, split: str, seq_len: int) -> int:
+        """How many windows of seq_len + 1 tokens the domain's memmap holds (window starts 0 .. n - seq_len - 1)."""
         n = self.num_tokens(domain, split)
-        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-        if hi - lo < seq_len + 1:
-            share = f" (rank {rank} of {world_size} gets {hi - lo})" if world_size > 1 else ""
-            raise UserError(f"{domain} {split} data in {self.data_dir} has {n} tokens{share}, fewer than "
+        if n < seq_len + 1:
+            raise UserError(f"{domain} {split} data in {self.data_dir} has {n} tokens, fewer than "
                             f"seq_len + 1 = {seq_len + 1}: use a smaller --seq_len or prepare more {domain} data")
-        return lo, hi
+        return n - seq_len
 
     # --- evaluation batches ----------------------------------------------------------------
     def num_eval_windows(self, domain: str, seq_len: int, split: str = "val") -> int:
@@ -193,8 +208,10 @@ def domains_for_rows(kind: str, step: int, batch_size: int, rank: int = 0, world
     return ["text" if (first + i) % 2 == 0 else "code" for i in range(batch_size)]
 
 
-def _rng(seed: int, split: str, kind: str, step: int, rank: int, world_size: int) -> np.random.Generator:
-    key = f"mm_rec.windows/{seed}/{split}/{kind}/{step}/{rank}/{world_size}".encode()
+def _rng(seed: int, split: str, kind: str, step: int) -> np.random.Generator:
+    # "/0/1" (rank 0 of 1) ends the key as it did when each rank drew its own windows, so
+    # single-process batches are unchanged from that scheme.
+    key = f"mm_rec.windows/{seed}/{split}/{kind}/{step}/0/1".encode()
     return np.random.Generator(np.random.PCG64(int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little")))
 
 

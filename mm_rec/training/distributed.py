@@ -60,6 +60,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` (picklable) on every rank; `obj` itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @torch.no_grad()
 def broadcast_parameters(model: torch.nn.Module) -> None:
     """Make every rank start from rank 0's weights."""

@@ -54,13 +54,14 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist.is_main
         self.ckpt_dir = Path(cfg.checkpoint_dir)
-        if self.is_main:
-            _check_writable(self.ckpt_dir)
+        self._on_main(lambda: _check_writable(self.ckpt_dir))
 
         self.model_config: MMRecConfig = cfg.model_config()
         self.resume_state = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
         if self.resume_state is not None:
             _check_same_model(self.resume_state, self.model_config, cfg.resume_from)
+        # A checkpoint that cannot continue the wanted stage is refused here, before anything is written.
+        self.plan = self._plan()
 
         self.data, self.tokenizer = open_training_data(cfg.data_dir, cfg.synthetic, self.model_config,
                                                        verbose=self.is_main)
@@ -75,17 +76,32 @@ class Trainer:
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
-        self.log = (MetricsLogger(self.ckpt_dir, cfg.log_dir, cfg.wandb, cfg.wandb_project,
-                                  run_name=f"{cfg.preset}-{cfg.stage}", config=cfg.to_dict())
-                    if self.is_main else NullLogger())
+        self.log = self._on_main(lambda: MetricsLogger(self.ckpt_dir, cfg.log_dir, cfg.wandb, cfg.wandb_project,
+                                                       run_name=f"{cfg.preset}-{cfg.stage}", config=cfg.to_dict()))
+        if self.log is None:
+            self.log = NullLogger()
         from ..utils.monitoring import LOGGER_NAME, create_monitoring_hooks
-        _route_monitor_logs(LOGGER_NAME, self.is_main)
+        self._restore_monitor_logs = _route_monitor_logs(LOGGER_NAME, self.is_main)
         self.hooks = create_monitoring_hooks(self.model, checkpoint_dir=self.ckpt_dir)
         self.lr_scale = 1.0  # set per stage in train_stage
         self._nan_injected = False
         self._last_grad_warning = -GRAD_WARNING_EVERY
         if self.is_main and self.tokenizer is not None:
             self.tokenizer.save(self.ckpt_dir / "tokenizer.json")
+
+    def _on_main(self, fn):
+        """fn() on rank 0 only (None elsewhere). A UserError there is raised on every rank, so all
+        processes stop with the same one line instead of the others failing in their next collective."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except UserError as e:
+                error = str(e)
+        error = D.broadcast_object(error)
+        if error is not None:
+            raise UserError(error)
+        return result
 
     # -- output ----------------------------------------------------------------------------------
     def print(self, *args) -> None:
@@ -95,12 +111,12 @@ class Trainer:
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            plan = self._plan()
             self._print_setup()
-            for name, state in plan:
+            for name, state in self.plan:
                 self.train_stage(self.cfg.stage_spec(name), state)
         finally:
             self.log.close()
+            self._restore_monitor_logs()
             D.shutdown_distributed()
 
     def _plan(self) -> list[tuple[str, dict | None]]:
@@ -417,9 +433,11 @@ def _warn_schedule_change(trainer: Trainer, state: dict, spec: StageSpec) -> Non
         trainer.print(f"note: resuming {spec.name} with changed settings: {', '.join(changed)}")
 
 
-def _route_monitor_logs(name: str, is_main: bool) -> None:
-    """Monitoring warnings appear as lines above the progress bar (rank 0 only), not on stderr."""
+def _route_monitor_logs(name: str, is_main: bool):
+    """Monitoring warnings appear as lines above the progress bar (rank 0 only), not on stderr.
+    Returns a function that puts the logger back as it was (for callers that train in-process)."""
     logger = logging.getLogger(name)
+    before = (logger.propagate, logger.level)
     logger.propagate = False
     for h in list(logger.handlers):
         if getattr(h, "_mmrec_trainer", False):
@@ -428,6 +446,12 @@ def _route_monitor_logs(name: str, is_main: bool) -> None:
     handler._mmrec_trainer = True
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.propagate = before[0]
+        logger.setLevel(before[1])
+    return restore
 
 
 class _TqdmHandler(logging.Handler):

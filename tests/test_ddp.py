@@ -1,0 +1,137 @@
+"""Data-parallel training with 2 gloo processes on the CPU (torchrun), against one process training
+on the same global batch: same losses, same weights, only rank 0 writes, and a checkpoint of the
+2-process run resumes in a single process as if nothing had changed."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_rec.data.corpus import ensure_default_corpus
+from mm_rec.scripts import train_modular
+from mm_rec.training.checkpoint import load_checkpoint
+from mm_rec.training.metrics import read_metrics
+from mm_rec.utils.errors import run_cli
+
+MODEL = ["--vocab_size", "512", "--expert_dim", "32", "--num_layers", "1", "--num_heads", "2", "--ffn_dim", "64"]
+STEPS = 4
+STAGES = ("stage1", "stage2", "stage3")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The small real corpus of tests/test_train.py (built once per session, shared with test_train_cli.py)."""
+    return ensure_default_corpus(512, cache_dir=tmp_path_factory.getbasetemp() / "mmrec_corpus_cache",
+                                 verbose=False, prose_max_bytes=60_000, code_max_bytes=300_000)
+
+
+def argv(data_dir, ckpt_dir, batch_size, *args) -> list[str]:
+    # All three stages (stage 2 trains one expert per step, so ranks all-reduce a partial set of
+    # gradients), STEPS steps each, a checkpoint every 2 steps.
+    return ["--preset", "tiny", *MODEL, "--data_dir", str(data_dir), "--checkpoint_dir", str(ckpt_dir),
+            "--stage", "all", "--max_steps", str(STEPS), "--checkpoint_interval", "2", "--eval_interval", "0",
+            "--seq_len", "32", "--batch_size", str(batch_size), "--eval_batches", "2", "--memory_log_interval", "0",
+            "--warmup_steps", "1", "--learning_rate", "1e-2", "--device", "cpu", *args]
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "-m", "mm_rec.scripts.train_modular", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def losses(ckpt_dir) -> dict[tuple[str, int], float]:
+    return {(r["stage"], r["step"]): r["loss"] for r in read_metrics(Path(ckpt_dir) / "metrics.jsonl")}
+
+
+def assert_states_close(a: dict, b: dict, total_rtol: float = 1e-4) -> None:
+    """Close weights. Not elementwise: summing gradients in another order changes their last bits, and
+    AdamW turns a last-bit change of a near-zero gradient into a different +-lr step of that element,
+    so over a few stages a handful of elements drift by ~lr/10 while the tensors agree to ~1e-5."""
+    assert a.keys() == b.keys()
+    total_diff = total = 0.0
+    for k in a:
+        diff, norm = (a[k] - b[k]).float().norm().item(), b[k].float().norm().item()
+        assert diff <= 5e-3 * norm + 1e-6, (k, diff, norm)
+        total_diff, total = total_diff + diff ** 2, total + norm ** 2
+    assert total_diff ** 0.5 <= total_rtol * total ** 0.5, (total_diff ** 0.5, total ** 0.5)
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    ddp, single = root / "ddp", root / "single"
+    proc = torchrun(2, argv(data_dir, ddp, 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+    assert run_cli(train_modular.main, argv(data_dir, single, 4)) == 0
+    return {"ddp": ddp, "single": single, "root": root, "stdout": proc.stdout}
+
+
+def test_only_rank_0_writes(runs):
+    ddp = runs["ddp"]
+    names = sorted(p.name for p in ddp.iterdir())
+    ckpts = [f"checkpoint_{s}_step_{n}.pt" for s in STAGES for n in (2, 4)]
+    assert names == sorted(ckpts + ["metrics.jsonl", "tokenizer.json", "tensorboard"] +
+                           [f"loss_{s}.png" for s in STAGES])
+    assert len(list((ddp / "tensorboard").iterdir())) == 1  # one event file: one writer
+    rows = read_metrics(ddp / "metrics.jsonl", type=None)
+    train_rows = [(r["stage"], r["step"]) for r in rows if r["type"] == "train"]
+    assert train_rows == [(s, n) for s in STAGES for n in range(1, STEPS + 1)]  # each step once
+    assert [(r["stage"], r["step"]) for r in rows if r["type"] == "eval"] == [(s, STEPS) for s in STAGES]
+    for ck in ckpts:  # each save announced once (rank 1 prints nothing)
+        assert runs["stdout"].count(ck) == 1, ck
+    # the checkpoint records the per-process batch
+    assert load_checkpoint(ddp / "checkpoint_stage1_step_2.pt")["train_args"]["batch_size"] == 2
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(runs):
+    ddp, single = losses(runs["ddp"]), losses(runs["single"])
+    assert ddp.keys() == single.keys() and len(ddp) == 3 * STEPS
+    for key in single:
+        assert ddp[key] == pytest.approx(single[key], rel=1e-4), key
+    # the model learns something over these steps, so equal losses are not a coincidence of init
+    assert single[("stage3", STEPS)] < single[("stage1", 1)] - 0.3
+    a, b = (load_checkpoint(runs[r] / f"checkpoint_stage1_step_{STEPS}.pt")["model_state_dict"] for r in ("ddp", "single"))
+    for k in a:  # after one stage the weights still agree elementwise
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for stage in STAGES:
+        a = load_checkpoint(runs["ddp"] / f"checkpoint_{stage}_step_{STEPS}.pt")
+        b = load_checkpoint(runs["single"] / f"checkpoint_{stage}_step_{STEPS}.pt")
+        assert_states_close(a["model_state_dict"], b["model_state_dict"])
+        # the same parameters stepped the same number of times, with close AdamW moments
+        sa, sb = a["optimizer_state_dict"]["state"], b["optimizer_state_dict"]["state"]
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[i]["step"], sb[i]["step"]) for i in sb)
+        assert_states_close({i: sa[i]["exp_avg"] for i in sa}, {i: sb[i]["exp_avg"] for i in sb}, total_rtol=1e-3)
+
+
+def test_resume_a_two_process_checkpoint_in_one_process(runs, data_dir):
+    out = runs["root"] / "resumed"
+    mid = runs["ddp"] / "checkpoint_stage2_step_2.pt"
+    before = mid.read_bytes()
+    assert run_cli(train_modular.main, argv(data_dir, out, 4, "--resume_from", str(mid))) == 0
+    got, want = losses(out), losses(runs["single"])
+    assert sorted(got) == [("stage2", 3), ("stage2", 4)] + [("stage3", n) for n in range(1, STEPS + 1)]
+    for key in got:
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    final = load_checkpoint(out / f"checkpoint_stage3_step_{STEPS}.pt")["model_state_dict"]
+    assert_states_close(final, load_checkpoint(runs["single"] / f"checkpoint_stage3_step_{STEPS}.pt")["model_state_dict"])
+    assert mid.read_bytes() == before
+
+
+def test_unwritable_checkpoint_dir_stops_every_rank_with_one_line(data_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"precious")
+    proc = torchrun(2, argv(data_dir, blocker / "ckpts", 2), timeout=120)
+    assert proc.returncode != 0
+    # rank 0 finds the problem; rank 1 stops with the same line instead of dying in a collective
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("cannot write to checkpoint directory" in e for e in errors), proc.stderr
+    assert "[rank1]" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr
+    assert blocker.read_bytes() == b"precious"
