@@ -46,7 +46,7 @@ def prefill_state(model, context: int, rows: int, chunk: int, expert_type, devic
     ids = torch.randint(0, model.config.vocab_size, (rows, context), generator=gen).to(device)
     sync(device)
     start = time.perf_counter()
-    _, states = model(ids, expert_type=expert_type, chunk_size=min(chunk, context), return_memory=True)
+    states = model.consume(ids, expert_type=expert_type, chunk_size=min(chunk, context))
     sync(device)
     return states, time.perf_counter() - start
 

@@ -7,7 +7,8 @@ fused AdamW, zero_grad; bf16 autocast) of
   mmrec-pytorch        MM-Rec on the pure-PyTorch path (use_kernel_fusion=False), eager
   transformer          the equal-parameter Transformer (benchmarks/baselines/transformer.py), eager
   transformer-compiled the same under torch.compile
-  fla-gla              flash-linear-attention's GLAForCausalLM of similar size (if it imports)
+  fla-gla              flash-linear-attention's GLAForCausalLM of similar size (if it imports:
+                       fla.models ships in the flash-linear-attention wheel, not in fla-core)
 Variants are interleaved: every repeat times each variant in turn; the table reports medians.
 
 FLOPs (model FLOPs, no recomputation counted): per token 6 x the matmul parameters the step uses
@@ -193,6 +194,7 @@ def main(argv=None):
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"error: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    import mm_rec.ops.gpu  # noqa: F401  first: it points fla at the shipped kernel configs (no autotuning)
     if "fla-gla" in variants:
         try:
             import fla.models  # noqa: F401

@@ -93,6 +93,17 @@ def test_memory_states_continue_a_sequence(expert_type):
     assert states_diff(states, full_states) < 1e-10
 
 
+@pytest.mark.parametrize("expert_type", [None, "code"])
+def test_consume_gives_the_forward_states_without_logits(expert_type):
+    model = tiny_model()
+    x = ids(T=130)
+    _, full_states = model(x, expert_type=expert_type, return_memory=True)
+    for chunk in (None, 7, 64):
+        assert states_diff(model.consume(x, expert_type=expert_type, chunk_size=chunk), full_states) < 1e-10
+    _, prev = model(x[:, :50], expert_type=expert_type, return_memory=True)
+    assert states_diff(model.consume(x[:, 50:], expert_type=expert_type, memory_states=prev), full_states) < 1e-10
+
+
 @pytest.mark.parametrize("expert_type", [None, "text"])
 def test_single_token_step_reproduces_forward(expert_type):
     model = tiny_model(use_fusion=True)

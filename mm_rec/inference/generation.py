@@ -102,9 +102,9 @@ def prefill(model, prompts: list[torch.Tensor], expert_type=None, memory_states:
             chunk_size: int | None = 2048):
     """Consume the prompts; returns (next-token logits [B, V], states after every prompt token).
 
-    Each length group runs the parallel forward over all but its last token (chunked, so a long
-    prompt's activations and logits stay bounded) and one step on the last token, which gives the
-    next-token logits without materialising logits for the whole prompt.
+    Each length group runs the experts' parallel forward over all but its last token (chunked, so a
+    long prompt's activations stay bounded; no LM head, so no [B, T, vocab] logits) and one step on
+    the last token, which gives the next-token logits.
     """
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -115,8 +115,8 @@ def prefill(model, prompts: list[torch.Tensor], expert_type=None, memory_states:
         rows_t = torch.tensor(rows, device=ids.device)
         states = memory_states if len(by_length) == 1 else select_rows(memory_states, rows_t)
         if length > 1:
-            _, states = model(ids[:, :-1], expert_type=expert_type, memory_states=states,
-                              chunk_size=chunk_size, return_memory=True)
+            states = model.consume(ids[:, :-1], expert_type=expert_type, memory_states=states,
+                                   chunk_size=chunk_size)
         logits, states = model.step(ids[:, -1], states, expert_type=expert_type)
         logits_parts.append(logits)
         state_parts.append(states)

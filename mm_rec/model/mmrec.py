@@ -96,7 +96,7 @@ class MMRec100M(nn.Module):
             f = self.fusion(f)
         return self.lm_head(self.norm(f))
 
-    def _forward_span(self, input_ids, active, memory_states):
+    def _forward_span(self, input_ids, active, memory_states, head: bool = True):
         x = self.embedding(input_ids)
         features, new_states = {}, {}
         ckpt = self.use_gradient_checkpointing and self.training
@@ -105,11 +105,12 @@ class MMRec100M(nn.Module):
             if memory_states is not None and any(memory_states.get(n) is not None for n in active):
                 states = [memory_states.get(n) or self._zero_states(n, x) for n in active]
             outs, new = stacked_experts_forward([self.experts[n] for n in active], x, states, ckpt)
-            return self._head(dict(zip(active, outs)), x), dict(zip(active, new))
+            features, new_states = dict(zip(active, outs)), dict(zip(active, new))
+            return (self._head(features, x) if head else None), new_states
         for name in active:
             states = None if memory_states is None else memory_states.get(name)
             features[name], new_states[name] = self.experts[name](x, states, gradient_checkpointing=ckpt)
-        return self._head(features, x), new_states
+        return (self._head(features, x) if head else None), new_states
 
     def forward(self, input_ids: torch.Tensor, expert_type: str | None = None, memory_states: dict | None = None,
                 chunk_size: int | None = None, return_memory: bool = False):
@@ -136,6 +137,24 @@ class MMRec100M(nn.Module):
                 pieces.append(piece)
             logits = torch.cat(pieces, dim=1)
         return (logits, states) if return_memory else logits
+
+    @torch.no_grad()
+    def consume(self, input_ids: torch.Tensor, expert_type: str | None = None, memory_states: dict | None = None,
+                chunk_size: int | None = None) -> dict:
+        """Run a sequence through the experts for its memory states only: forward(...,
+        return_memory=True)'s states without the LM head, so a long prompt (or a batch of them)
+        never materialises [B, T, vocab] logits. Used by generation's prefill."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        active = self._experts_for(expert_type)
+        T = input_ids.shape[1]
+        chunk_size = chunk_size or self.config.max_unchunked_len
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        states = memory_states
+        for start in range(0, T, chunk_size):
+            _, states = self._forward_span(input_ids[:, start:start + chunk_size], active, states, head=False)
+        return states
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, memory_states: dict | None = None, expert_type: str | None = None):
