@@ -39,7 +39,7 @@ train() {  # train NAME NPROC BATCHES(stage1,2,3) [extra args]: the three stages
   local launch="python3 -m mm_rec.scripts.train_modular"
   [[ $nproc -gt 1 ]] && launch="torchrun --standalone --nproc_per_node=$nproc -m mm_rec.scripts.train_modular"
   for i in 1 2 3; do
-    local resume=()
+    local resume=(--overwrite)  # stage 1 starts a new run, also where an earlier session left one
     [[ $i -gt 1 ]] && resume=(--resume_from "$RUNS/$name/checkpoint_stage$((i - 1))_step_$STEPS.pt")
     $launch --stage stage$i --data_dir $DATA --checkpoint_dir $RUNS/$name --batch_size ${b[$((i - 1))]} \
         --max_steps $STEPS --checkpoint_interval $((STEPS / 2)) --eval_interval 0 --eval_batches 4 \

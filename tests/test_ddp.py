@@ -135,3 +135,18 @@ def test_unwritable_checkpoint_dir_stops_every_rank_with_one_line(data_dir, tmp_
     assert len(errors) == 2 and all("cannot write to checkpoint directory" in e for e in errors), proc.stderr
     assert "[rank1]" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr
     assert blocker.read_bytes() == b"precious"
+
+
+def test_a_new_run_into_a_used_dir_stops_every_rank_with_one_line(runs, data_dir):
+    ddp = runs["ddp"]
+    before = {str(p.relative_to(ddp)): p.read_bytes() for p in ddp.rglob("*") if p.is_file()}
+    proc = torchrun(2, argv(data_dir, ddp, 2), timeout=120)
+    assert proc.returncode != 0
+    # rank 0 finds the earlier run before anything is written; rank 1 stops with the same line
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    want = (f"error: {ddp} already holds a run (newest: checkpoint_stage3_step_{STEPS}.pt); continue it with "
+            f"--resume_from {ddp / f'checkpoint_stage3_step_{STEPS}.pt'}, start over with --overwrite, "
+            f"or choose another --checkpoint_dir")
+    assert errors == [want, want], proc.stderr
+    assert "[rank1]" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr
+    assert {str(p.relative_to(ddp)): p.read_bytes() for p in ddp.rglob("*") if p.is_file()} == before

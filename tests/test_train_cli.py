@@ -171,3 +171,68 @@ def test_checkpoint_dir_is_a_regular_file(data_dir, tmp_path, capsys):
     code, err = cli(argv(data_dir, blocker, "--stage", "stage1", "--max_steps", "2"), capsys)
     assert_one_line_error(code, err, "cannot write to checkpoint directory")
     assert blocker.read_bytes() == b"precious"
+
+
+# -- a directory that already holds a run ---------------------------------------------------------
+def listing(directory: Path) -> list[tuple[str, bool, int]]:
+    """Every entry under `directory`, folders included: (relative path, is a folder, mtime in ns)."""
+    return [(str(p.relative_to(directory)), p.is_dir(), p.stat().st_mtime_ns) for p in sorted(directory.rglob("*"))]
+
+
+def test_a_new_run_into_a_used_dir_is_refused_and_changes_nothing(data_dir, run_dir, capsys):
+    before, entries = snapshot(run_dir), listing(run_dir)
+    code, err = cli(argv(data_dir, run_dir, "--stage", "stage1", "--max_steps", "4", "--keep_last", "1"), capsys)
+    line = assert_one_line_error(code, err)
+    assert code == 2
+    newest = run_dir / "checkpoint_stage1_step_2.pt"
+    assert line == (f"error: {run_dir} already holds a run (newest: checkpoint_stage1_step_2.pt); continue it with "
+                    f"--resume_from {newest}, start over with --overwrite, or choose another --checkpoint_dir")
+    assert snapshot(run_dir) == before  # every file byte for byte: no checkpoint, metrics row or probe file
+    assert listing(run_dir) == entries  # and nothing added, removed or rewritten in place
+
+
+def test_a_log_without_checkpoints_is_a_run_too(data_dir, tmp_path, capsys):
+    out = tmp_path / "ckpts"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"type": "train", "stage": "stage1", "step": 1, "loss": 6.2}\n')
+    before = snapshot(out)
+    code, err = cli(argv(data_dir, out, "--stage", "stage1", "--max_steps", "2"), capsys)
+    line = assert_one_line_error(code, err, f"{out} already holds a run", "metrics.jsonl", "--overwrite",
+                                 "--checkpoint_dir")
+    assert "--resume_from" not in line  # nothing to resume from
+    assert snapshot(out) == before
+
+
+def test_overwrite_and_resume_from_exclude_each_other(data_dir, run_dir, capsys):
+    before = snapshot(run_dir)
+    code, err = cli(argv(data_dir, run_dir, "--stage", "all", "--overwrite",
+                         "--resume_from", str(run_dir / "checkpoint_stage1_step_2.pt")), capsys)
+    assert_one_line_error(code, err, "--overwrite", "--resume_from")
+    assert snapshot(run_dir) == before
+
+
+def test_the_refusal_says_what_to_type_and_that_continues_the_run(data_dir, run_dir, capsys):
+    """The README's quick start run twice, as a user would: from the run's parent folder with a
+    relative --checkpoint_dir; the flag the message suggests, pasted as it is, continues the run."""
+    args = argv(data_dir, "./run", "--stage", "all", "--max_steps", "2", "--checkpoint_interval", "1",
+                "--eval_interval", "0")
+    before = snapshot(run_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "mm_rec.scripts.train_modular", *args], cwd=run_dir.parent,
+                          capture_output=True, text=True, env=env, timeout=120)
+    line = assert_one_line_error(proc.returncode, proc.stderr, "error: ./run already holds a run")
+    assert proc.returncode == 2
+    assert snapshot(run_dir) == before
+    suggested = line.split("continue it with ", 1)[1].split(",", 1)[0]
+    assert suggested == "--resume_from ./run/checkpoint_stage1_step_2.pt"
+    old_cwd = os.getcwd()
+    os.chdir(run_dir.parent)
+    try:
+        code, err = cli(args + suggested.split(), capsys)
+    finally:
+        os.chdir(old_cwd)
+    assert code == 0, err
+    from mm_rec.training.metrics import read_metrics
+    steps = [(r["stage"], r["step"]) for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == [(s, n) for s in ("stage1", "stage2", "stage3") for n in (1, 2)]  # appended, each step once
+    assert (run_dir / "checkpoint_stage1_step_1.pt").read_bytes() == before["checkpoint_stage1_step_1.pt"]

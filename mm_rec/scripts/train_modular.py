@@ -5,6 +5,9 @@
     python -m mm_rec.scripts.train_modular --stage stage2 --resume_from ./checkpoints/checkpoint_stage1_step_5000.pt
     torchrun --nproc_per_node=4 -m mm_rec.scripts.train_modular --stage all --batch_size 8
 
+A new run (no --resume_from) refuses a --checkpoint_dir that already holds a run, before writing
+anything; --overwrite starts one there anyway (the old metrics.jsonl is renamed, nothing deleted).
+
 Run with --help for every flag; `--config FILE` reads them from YAML or JSON.
 """
 from __future__ import annotations

@@ -63,7 +63,13 @@ class TrainConfig:
                                 str, group="data")
     synthetic: bool = _flag("train on uniform random tokens (the guide's quick test)", "data")
     # -- checkpoints and logs ----------------------------------------------------------------------
-    checkpoint_dir: str = _opt("./checkpoints", "where checkpoints, metrics.jsonl and plots go", str, group="output")
+    checkpoint_dir: str = _opt("./checkpoints", "where checkpoints, metrics.jsonl and plots go; a new run "
+                                                "(no --resume_from) refuses a directory that already holds one "
+                                                "unless --overwrite is given", str, group="output")
+    overwrite: bool = _flag("start a new run in a --checkpoint_dir that already holds one. Nothing is deleted: "
+                            "the old metrics.jsonl and CHECKPOINT_DIR/tensorboard are renamed to "
+                            "NAME.bak-TIMESTAMP, and the old checkpoints stay until this run saves ones of the "
+                            "same name (--keep_last prunes only this run's)", "output")
     checkpoint_interval: int | None = _opt(None, "save every N steps (stage default: 100/200/100)", int,
                                            group="output")
     keep_last: int = _opt(0, "keep only the newest K mid-stage checkpoints of a stage (0: keep all)", int,
@@ -123,6 +129,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserError(f"--{name} must be zero or positive (got {value})")
+        if self.overwrite and self.resume_from is not None:
+            raise UserError("--overwrite starts a new run and --resume_from continues one; pick one")
         if self.data_dir is not None and self.synthetic:
             raise UserError("--data_dir and --synthetic exclude each other; pick one")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
