@@ -3,7 +3,6 @@ recovery, logs. Each run goes through `train_modular.main`, exactly as the CLI d
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -41,19 +41,6 @@ class LoadedModel:
         return self.tokenizer
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """--device: None picks cuda when there is one."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but CUDA is not available here; use --device cpu")
-    return device
-
-
 def config_from_dict(d: dict, source) -> MMRecConfig:
     if not isinstance(d, dict):
         raise UserError(f"{source} has no model config; it was not written by MM-Rec")

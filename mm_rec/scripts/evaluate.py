@@ -18,7 +18,8 @@ import torch
 
 from ..inference.evaluation import (DOMAINS, EXPERTS, evaluate_data_dir, evaluate_files, format_table,
                                     token_byte_lengths)
-from ..inference.loading import load_model, resolve_device
+from ..inference.loading import load_model
+from ..utils.device import resolve_device
 from ..utils.errors import UserError, run_cli
 
 DEFAULT_SEQ_LEN = 512

@@ -17,7 +17,8 @@ import time
 import torch
 
 from ..inference.generation import TokenStream
-from ..inference.loading import load_model, resolve_device
+from ..inference.loading import load_model
+from ..utils.device import resolve_device
 from ..inference.sessions import SessionMemoryManager
 from ..utils.errors import UserError, run_cli
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..model.config import MMRecConfig
 from ..model.mmrec import MMRec100M
 from ..utils.errors import UserError
+from ..utils.device import resolve_device
 from . import distributed as D
 from .checkpoint import (STAGE_ORDER, checkpoint_name, hiding, load_checkpoint, prune_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
@@ -48,7 +49,7 @@ GRAD_WARNING_EVERY = 50  # steps between two large-gradient warnings
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.device = _resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.precision = cfg.precision or ("bf16" if self.device.type == "cuda" else "fp32")
         self.dist = D.init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -402,20 +403,6 @@ class Trainer:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
 def _check_writable(directory: Path) -> None:
     """Fail before training, not at the first checkpoint, when the directory cannot be written."""
     probe = directory / f".write_test_{os.getpid()}"
