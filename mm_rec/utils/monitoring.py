@@ -117,8 +117,11 @@ class MemoryNormHook:
       expert's per-layer values;
     - "all/h_mean", "all/h_max", "all/M_mean", "all/M_max": the same over every expert and layer.
 
-    A norm above `high` (100) or below `low` (0.001) is logged as one warning line per call naming
-    the layers concerned. `last` holds the latest dict.
+    A norm above `high` (100) or below `low` (0.001) is logged as one warning line naming the layers
+    concerned, when a state leaves that range (not again on every call while it stays out: a long
+    run would print the same line thousands of times; it warns anew once the state came back and
+    left again). The values are in the returned dict (and metrics.jsonl) either way. `last` holds
+    the latest dict.
     """
 
     def __init__(self, high: float = 100.0, low: float = 1e-3, logger: logging.Logger | None = None):
@@ -126,6 +129,7 @@ class MemoryNormHook:
         self.low = float(low)
         self.log = logger or logging.getLogger(LOGGER_NAME)
         self.last: dict[str, float] = {}
+        self._outside: set = set()  # states outside [low, high] at the last call
 
     @torch.no_grad()
     def __call__(self, memory_states: dict | None, step: int) -> dict[str, float]:
@@ -155,8 +159,10 @@ class MemoryNormHook:
             out[f"{prefix}/{name}_mean"] = sum(vals) / len(vals)
             out[f"{prefix}/{name}_max"] = max(vals)
 
+        outside = {key for key, value in zip(keys, values) if not (self.low <= value <= self.high)}
         anomalies = [f"{expert}/layer_{i}/{name}={value:.3g}" for (expert, i, name), value in zip(keys, values)
-                     if not (self.low <= value <= self.high)]
+                     if (expert, i, name) in outside - self._outside]
+        self._outside = outside
         if anomalies:
             shown = ", ".join(anomalies[:8]) + (f" (+{len(anomalies) - 8} more)" if len(anomalies) > 8 else "")
             self.log.warning("step %s: memory norm outside [%g, %g]: %s", step, self.low, self.high, shown)
