@@ -126,3 +126,24 @@ def test_cli_errors(setup, tmp_path):
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1
     code, _, err = _evaluate(["--checkpoint", str(ckpt), "--data_dir", str(tmp_path)])
     assert code == 2 and "prepared data directory" in err
+
+
+def test_without_data_flags_the_training_runs_data_and_seq_len_are_used(setup, tmp_path):
+    root, data_dir, data, model, ckpt = setup
+    own = root / "ckpt" / "checkpoint_stage3_step_5.pt"  # as train_modular writes it: data_dir, preset, seq_len
+    save_checkpoint({**torch.load(ckpt, weights_only=True), "stage": "stage3", "step": 5,
+                     "train_args": {"data_dir": str(data_dir), "seq_len": None, "preset": "tiny", "synthetic": False}}, own)
+    args = ["--batch_size", "2", "--max_batches", "2", "--device", "cpu"]
+    code, _, err = _evaluate(["--checkpoint", str(own), *args, "--json", str(tmp_path / "a.json")])
+    assert code == 0, err
+    code, _, err = _evaluate(["--checkpoint", str(own), "--data_dir", str(data_dir), "--seq_len", "256", *args,
+                              "--json", str(tmp_path / "b.json")])
+    assert code == 0, err
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["seq_len"] == 256  # the tiny preset's stage 3 length
+    assert a["results"] and a["results"] == b["results"]
+    synthetic = root / "ckpt" / "checkpoint_stage1_step_7.pt"
+    save_checkpoint({**torch.load(ckpt, weights_only=True), "train_args": {"data_dir": None, "synthetic": True}}, synthetic)
+    code, _, err = _evaluate(["--checkpoint", str(synthetic)])
+    assert code == 2 and "synthetic" in err and err.count("\n") == 1
+

@@ -1,5 +1,6 @@
 """Evaluate a checkpoint: loss, perplexity and bits per byte per domain and per expert (guide §9.1).
 
+    python -m mm_rec.scripts.evaluate --checkpoint ckpt.pt                         # the run's own validation split
     python -m mm_rec.scripts.evaluate --checkpoint ckpt.pt --data_dir data/        # validation split
     python -m mm_rec.scripts.evaluate --checkpoint ckpt.pt --text book.txt --code src/ --json out.json
 
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mm_rec.scripts.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported model directory")
-    p.add_argument("--data_dir", help="prepared data directory: evaluate its validation split")
+    p.add_argument("--data_dir", help="prepared data directory: evaluate its validation split "
+                                      "(default, without --text/--code: the training run's data)")
     p.add_argument("--text", nargs="+", default=[], metavar="FILE", help="text files/directories to evaluate")
     p.add_argument("--code", nargs="+", default=[], metavar="FILE", help="code files/directories to evaluate")
     p.add_argument("--expert", default="all", choices=[*EXPERTS, "all"],
@@ -48,12 +50,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def training_data_dir(loaded) -> Path:
+    """No data flags: the validation split the checkpoint's training run used (its --data_dir, or
+    the bundled default corpus it was built from)."""
+    train_args = loaded.train_args or {}
+    if "data_dir" not in train_args or train_args.get("synthetic"):
+        why = "it was trained on synthetic tokens" if train_args.get("synthetic") else "it has no record of its training data"
+        raise UserError(f"nothing to evaluate: {loaded.source} names no data ({why}); "
+                        "give --data_dir DIR or --text/--code FILE...")
+    if train_args.get("data_dir"):
+        if not Path(train_args["data_dir"]).exists():
+            raise UserError(f"the training data of {loaded.source} ({train_args['data_dir']}) is gone; "
+                            "give --data_dir DIR or --text/--code FILE...")
+        return Path(train_args["data_dir"])
+    from ..data.corpus import ensure_default_corpus
+    return ensure_default_corpus(loaded.model.config.vocab_size)
+
+
+def training_seq_len(loaded) -> int | None:
+    """The training run's --seq_len, else its stage's (the schedule of its --preset)."""
+    train_args = loaded.train_args or {}
+    if train_args.get("seq_len"):
+        return int(train_args["seq_len"])
+    from ..training.stages import SCHEDULES
+    spec = SCHEDULES.get(train_args.get("preset", ""), {}).get(loaded.stage or "")
+    return spec.seq_len if spec is not None else None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.data_dir and (args.text or args.code):
         raise UserError("give either --data_dir or --text/--code files, not both")
-    if not args.data_dir and not (args.text or args.code):
-        raise UserError("nothing to evaluate: give --data_dir DIR or --text/--code FILE...")
     for name in ("seq_len", "batch_size", "max_batches"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -66,7 +93,9 @@ def main(argv=None) -> int:
 
     loaded = load_model(args.checkpoint, device=device, tokenizer_path=args.tokenizer)
     model = loaded.model
-    seq_len = args.seq_len or (loaded.train_args or {}).get("seq_len") or DEFAULT_SEQ_LEN
+    if not args.data_dir and not (args.text or args.code):
+        args.data_dir = str(training_data_dir(loaded))
+    seq_len = args.seq_len or training_seq_len(loaded) or DEFAULT_SEQ_LEN
     experts = list(EXPERTS) if args.expert == "all" else [args.expert]
     fusion = "on" if model.use_fusion else "off"
     print(f"checkpoint: {loaded.source} (stage {loaded.stage or '-'}, step {loaded.step if loaded.step is not None else '-'}, "
