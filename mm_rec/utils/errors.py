@@ -18,7 +18,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         code = main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one write of the whole line: under torchrun every rank reports, into the same stream
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
