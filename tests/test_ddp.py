@@ -95,6 +95,13 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs):
     assert ddp.keys() == single.keys() and len(ddp) == 3 * STEPS
     for key in single:
         assert ddp[key] == pytest.approx(single[key], rel=1e-4), key
+    # validation: both ranks score half the windows of the global eval set, the same number results
+    evals = {r: {row["stage"]: row for row in read_metrics(runs[r] / "metrics.jsonl", type="eval")}
+             for r in ("ddp", "single")}
+    for stage in STAGES:
+        for k in ("val_loss_text", "val_loss_code"):
+            if k in evals["single"][stage]:
+                assert evals["ddp"][stage][k] == pytest.approx(evals["single"][stage][k], rel=1e-4), (stage, k)
     # the model learns something over these steps, so equal losses are not a coincidence of init
     assert single[("stage3", STEPS)] < single[("stage1", 1)] - 0.3
     a, b = (load_checkpoint(runs[r] / f"checkpoint_stage1_step_{STEPS}.pt")["model_state_dict"] for r in ("ddp", "single"))

@@ -76,7 +76,7 @@ class TrainConfig:
                           group="output")
     eval_interval: int | None = _opt(None, "validate every N steps, 0 only at a stage's end "
                                            "(stage default: 500/1000/500)", int, group="output")
-    eval_batches: int = _opt(8, "validation batches per domain", int, group="output")
+    eval_batches: int = _opt(8, "validation batches (of the global batch) per domain", int, group="output")
     memory_log_interval: int | None = _opt(None, "log memory-state norms every N steps "
                                                  "(default 100; tiny: 10; 0 disables)", int, group="output")
     log_dir: str | None = _opt(None, "TensorBoard directory (default: CHECKPOINT_DIR/tensorboard)", str,

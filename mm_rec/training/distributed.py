@@ -109,3 +109,12 @@ def all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / world_size
+
+
+def all_reduce_sum(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Sum of a tensor over ranks (the tensor itself when there is one process)."""
+    if world_size <= 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value

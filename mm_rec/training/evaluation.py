@@ -14,19 +14,24 @@ import torch.nn.functional as F
 @torch.no_grad()
 def evaluate_loss(model, data, domain: str, expert_type: str | None, batch_size: int, seq_len: int,
                   max_batches: int | None = None, device=None, autocast_dtype: torch.dtype | None = None,
-                  chunk_size: int | None = None) -> float:
+                  chunk_size: int | None = None, rank: int = 0, world_size: int = 1) -> float:
     """Mean token cross-entropy (nats) of `model` on `data`'s validation split of `domain`.
 
     Sums the per-token losses in fp32 over data.iter_eval_batches(domain, batch_size, seq_len,
     max_batches) and divides by the token count. The model runs in eval mode under no_grad (and
     autocast to `autocast_dtype` if given); its training mode is restored afterwards.
+
+    With world_size > 1 (every rank calls it) rank r scores batches r, r + world_size, ... and the
+    sums are all-reduced, so all ranks return the loss over the same consecutive windows one
+    process would score: the number depends on batch_size * max_batches, not on the world size.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     try:
-        for x, y in data.iter_eval_batches(domain, batch_size, seq_len, max_batches):
+        for x, y in data.iter_eval_batches(domain, batch_size, seq_len, max_batches, rank=rank,
+                                           world_size=world_size):
             x, y = x.to(device), y.to(device)
             ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                    else contextlib.nullcontext())
@@ -37,6 +42,11 @@ def evaluate_loss(model, data, domain: str, expert_type: str | None, batch_size:
             count += y.numel()
     finally:
         model.train(was_training)
+    if world_size > 1:
+        from .distributed import all_reduce_sum
+        sums = all_reduce_sum(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]),
+                              world_size)
+        total, count = sums[0], int(sums[1].item())
     if count == 0:
         return float("nan")
     return float(total.item() / count)

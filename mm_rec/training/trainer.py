@@ -356,12 +356,17 @@ class Trainer:
 
     # -- evaluation and checkpoints --------------------------------------------------------------
     def _evaluate(self, spec: StageSpec, step: int) -> dict[str, float] | None:
+        # Every rank scores its share of the windows one process with the global batch would score
+        # (eval_batches x world_size batches of the per-rank batch size): the same number at any
+        # world size.
+        world = self.dist.world_size
+        losses = {domain: evaluate_loss(self.model, self.data, domain, expert_type, spec.batch_size,
+                                        spec.seq_len, max_batches=self.cfg.eval_batches * world, device=self.device,
+                                        autocast_dtype=self.autocast_dtype, chunk_size=self.cfg.chunk_size,
+                                        rank=self.dist.rank, world_size=world)
+                  for domain, expert_type in spec.eval_plan()}
         if not self.is_main:
             return None
-        losses = {domain: evaluate_loss(self.model, self.data, domain, expert_type, spec.batch_size,
-                                        spec.seq_len, max_batches=self.cfg.eval_batches, device=self.device,
-                                        autocast_dtype=self.autocast_dtype, chunk_size=self.cfg.chunk_size)
-                  for domain, expert_type in spec.eval_plan()}
         self.log.log_eval(spec.name, step, losses)
         self.print(f"📊 {spec.name} step {step}: " +
                    ", ".join(f"val_loss_{d}={v:.4f}" for d, v in losses.items()))
