@@ -39,8 +39,10 @@ class SyntheticData:
                             for i in range(batch_size)])
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
-    def iter_eval_batches(self, domain: str, batch_size: int, seq_len: int, max_batches: int | None = None):
-        for i in range(max_batches if max_batches is not None else 8):
+    def iter_eval_batches(self, domain: str, batch_size: int, seq_len: int, max_batches: int | None = None,
+                          rank: int = 0, world_size: int = 1):
+        """Batches rank, rank + world_size, ... of a fixed sequence, as TokenData's."""
+        for i in range(rank, max_batches if max_batches is not None else 8, world_size):
             yield self.get_batch(domain, i, batch_size, seq_len, split="val")
 
     def validate_ids(self) -> None:
