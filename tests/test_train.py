@@ -213,40 +213,32 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_overwrite_starts_a_clean_run_and_keeps_the_old_one_aside(data_dir, tmp_path, capsys):
+def test_overwrite_starts_a_clean_run_and_moves_the_old_one_aside(data_dir, tmp_path, capsys):
     run = ["--stage", "stage1", "--checkpoint_interval", "2", "--eval_interval", "0"]
     train(data_dir, tmp_path, *run, "--max_steps", "6")
     old = _files(tmp_path)
-    old_tb = {k: v for k, v in old.items() if k.startswith("tensorboard/")}
-    assert len(old_tb) == 1
+    assert "checkpoint_stage1_step_6.pt" in old and any(k.startswith("tensorboard/") for k in old)
     capsys.readouterr()
 
     # a shorter run with another seed, pruning to its newest checkpoint
     train(data_dir, tmp_path, *run, "--max_steps", "4", "--seed", "7", "--keep_last", "1", "--overwrite")
     out = capsys.readouterr().out
-    assert "--overwrite: the earlier run in" in out and "3 checkpoint(s) kept" in out
-    # the new log holds the new run only, each step once
+    (aside,) = tmp_path.glob("previous_run.bak-*")
+    assert f"was moved to {aside}" in out
+    # the earlier run, every file of it, byte for byte, in the folder set aside
+    assert _files(aside) == old
+    # the new run's directory holds the new run only: its log, each step once; its checkpoints
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
-    # the old log and TensorBoard events are set aside, byte for byte
-    (aside,) = tmp_path.glob("metrics.jsonl.bak-*")
-    assert aside.read_bytes() == old["metrics.jsonl"]
-    (tb_aside,) = tmp_path.glob("tensorboard.bak-*")
-    assert {f"tensorboard/{p.name}": p.read_bytes() for p in tb_aside.iterdir()} == old_tb
-    assert len(list((tmp_path / "tensorboard").iterdir())) == 1  # the new run's own events
-    # checkpoints: the new run's step 4 replaced the old one, its step 2 was pruned (--keep_last 1),
-    # and the old run's step 6, which the new run never wrote, is neither deleted nor counted
-    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_stage1_step_4.pt",
-                                                                      "checkpoint_stage1_step_6.pt"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_stage1_step_4.pt"]
     assert load_checkpoint(tmp_path / "checkpoint_stage1_step_4.pt")["train_args"]["seed"] == 7
-    assert (tmp_path / "checkpoint_stage1_step_6.pt").read_bytes() == old["checkpoint_stage1_step_6.pt"]
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1  # the new run's own events
 
 
 def test_overwrite_recovers_from_its_own_checkpoints_only(data_dir, tmp_path, monkeypatch, capsys):
     run = ["--stage", "stage1", "--checkpoint_interval", "2", "--eval_interval", "0", "--warmup_steps", "0"]
     train(data_dir, tmp_path, *run, "--max_steps", "8")
-    old_step_6 = (tmp_path / "checkpoint_stage1_step_6.pt").read_bytes()
     capsys.readouterr()
-    # NaN at step 5 of the new run: its newest checkpoint is step 4; the old run's 6 and 8 rank newer
+    # NaN at step 5 of the new run: its newest checkpoint is step 4 (the old run's 6 and 8 are aside)
     monkeypatch.setenv("MMREC_INJECT_NAN_AT_STEP", "5")
     train(data_dir, tmp_path, *run, "--max_steps", "6", "--seed", "7", "--overwrite")
     out = capsys.readouterr().out
@@ -256,8 +248,8 @@ def test_overwrite_recovers_from_its_own_checkpoints_only(data_dir, tmp_path, mo
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     final = load_checkpoint(tmp_path / "checkpoint_stage1_step_6.pt")
     assert final["train_args"]["seed"] == 7 and final["lr_scale"] == 0.5 and final["stage_completed"]
-    assert (tmp_path / "checkpoint_stage1_step_6.pt").read_bytes() != old_step_6
-    assert load_checkpoint(tmp_path / "checkpoint_stage1_step_8.pt")["train_args"]["seed"] == 1337  # kept
+    (aside,) = tmp_path.glob("previous_run.bak-*")
+    assert load_checkpoint(aside / "checkpoint_stage1_step_8.pt")["train_args"]["seed"] == 1337  # kept
 
 
 # -- recovery (issue 5 hooks in the loop) -----------------------------------------------------------

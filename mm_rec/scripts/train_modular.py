@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=4 -m mm_rec.scripts.train_modular --stage all --batch_size 8
 
 A new run (no --resume_from) refuses a --checkpoint_dir that already holds a run, before writing
-anything; --overwrite starts one there anyway (the old metrics.jsonl is renamed, nothing deleted).
+anything; --overwrite starts one there anyway (the earlier run is moved into
+CHECKPOINT_DIR/previous_run.bak-TIMESTAMP/, nothing deleted).
 
 Run with --help for every flag; `--config FILE` reads them from YAML or JSON.
 """

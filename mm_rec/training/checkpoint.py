@@ -11,7 +11,6 @@ final name.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import tempfile
@@ -23,7 +22,6 @@ from ..utils.errors import UserError
 
 STAGE_ORDER = ("stage1", "stage2", "stage3")
 _NAME = re.compile(r"^checkpoint_(stage[123])_step_(\d+)\.pt$")
-_hidden: dict[Path, frozenset[str]] = {}  # see hiding()
 
 
 def checkpoint_name(stage: str, step: int) -> str:
@@ -65,34 +63,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
-@contextlib.contextmanager
-def hiding(directory: str | os.PathLike, names):
-    """Within the block, `list_checkpoints(directory)` (and so `newest_valid_checkpoint` and the
-    RecoveryManager) leaves out the checkpoint file names in `names`. The trainer wraps a recovery
-    in it under --overwrite, so that a run never rolls back to the earlier run's checkpoints that
-    are still in the directory."""
-    names = frozenset(names)
-    if not names:
-        yield
-        return
-    key = Path(directory).resolve()
-    _hidden[key] = names
-    try:
-        yield
-    finally:
-        _hidden.pop(key, None)
-
-
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Checkpoints in `directory`, oldest first by (stage, step)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    hidden = _hidden.get(directory.resolve(), ()) if _hidden else ()
     found = []
     for p in directory.iterdir():
         m = _NAME.match(p.name)
-        if m and p.is_file() and p.name not in hidden:
+        if m and p.is_file():
             found.append((STAGE_ORDER.index(m.group(1)), int(m.group(2)), p))
     return [p for _, _, p in sorted(found)]
 
@@ -107,15 +86,12 @@ def newest_valid_checkpoint(directory: str | os.PathLike, map_location="cpu"):
     return None, None
 
 
-def prune_checkpoints(directory: str | os.PathLike, stage: str, keep_last: int, spare=()) -> None:
+def prune_checkpoints(directory: str | os.PathLike, stage: str, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints of `stage` (0 or less keeps all); a finished stage's
-    final checkpoint is its newest, so it always stays. File names in `spare` (an earlier run's
-    checkpoints, under --overwrite) are neither deleted nor counted."""
+    final checkpoint is its newest, so it always stays."""
     if keep_last <= 0:
         return
-    spare = set(spare)
-    ours = [p for p in list_checkpoints(directory)
-            if _NAME.match(p.name).group(1) == stage and p.name not in spare]
+    ours = [p for p in list_checkpoints(directory) if _NAME.match(p.name).group(1) == stage]
     for p in ours[:-keep_last]:
         p.unlink(missing_ok=True)
 

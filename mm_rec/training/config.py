@@ -67,9 +67,8 @@ class TrainConfig:
                                                 "(no --resume_from) refuses a directory that already holds one "
                                                 "unless --overwrite is given", str, group="output")
     overwrite: bool = _flag("start a new run in a --checkpoint_dir that already holds one. Nothing is deleted: "
-                            "the old metrics.jsonl and CHECKPOINT_DIR/tensorboard are renamed to "
-                            "NAME.bak-TIMESTAMP, and the old checkpoints stay until this run saves ones of the "
-                            "same name (--keep_last prunes only this run's)", "output")
+                            "the earlier run's checkpoints, metrics.jsonl, plots and tensorboard/ are moved "
+                            "into CHECKPOINT_DIR/previous_run.bak-TIMESTAMP/", "output")
     checkpoint_interval: int | None = _opt(None, "save every N steps (stage default: 100/200/100)", int,
                                            group="output")
     keep_last: int = _opt(0, "keep only the newest K mid-stage checkpoints of a stage (0: keep all)", int,

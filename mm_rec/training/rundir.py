@@ -5,8 +5,9 @@ A run lives in its checkpoint directory: checkpoint_*.pt, metrics.jsonl, tensorb
 A new run (no --resume_from) started there would overwrite same-named checkpoints, append a second
 step 1, 2, ... to metrics.jsonl and let --keep_last prune the old run's checkpoints, so the trainer
 refuses it (`refuse_reuse`) unless --overwrite is given. --overwrite deletes nothing: it moves the
-old metrics.jsonl and tensorboard/ aside (`set_aside`), and the old checkpoints stay until the new
-run saves the same names. Resuming (--resume_from) appends to the run in the directory, as before.
+earlier run's files into CHECKPOINT_DIR/previous_run.bak-TIMESTAMP/ (`set_aside`: renames, no
+copies), so the new run starts in a clean directory and recovery or --keep_last never touch the old
+run. Resuming (--resume_from) appends to the run in the directory, as before.
 """
 from __future__ import annotations
 
@@ -64,39 +65,35 @@ def refuse_reuse(shown_dir: str, run: PreviousRun) -> UserError:
                      f"--resume_from {resume}, start over with --overwrite, or choose another --checkpoint_dir")
 
 
-def _aside_name(path: Path, stamp: str) -> Path:
-    candidate = path.with_name(f"{path.name}.bak-{stamp}")
-    n = 1
-    while candidate.exists() or candidate.is_symlink():
-        n += 1
-        candidate = path.with_name(f"{path.name}.bak-{stamp}-{n}")
-    return candidate
+# What a run writes into its directory (the default TensorBoard folder is added when in use).
+RUN_FILES = ("checkpoint_*.pt", METRICS_FILE, "loss_*.png", "tokenizer.json")
 
 
-def set_aside(directory: str | os.PathLike, include_tensorboard: bool) -> list[tuple[Path, Path]]:
-    """--overwrite: rename the old run's metrics.jsonl (if it holds anything) and, when the run logs
-    to the default CHECKPOINT_DIR/tensorboard, that folder (if not empty) to NAME.bak-YYYYmmdd-HHMMSS,
-    so the new run starts a clean log. Renames only; nothing is deleted. Returns [(old, new)]."""
+def set_aside(directory: str | os.PathLike, include_tensorboard: bool) -> Path | None:
+    """--overwrite: move the earlier run's files (checkpoints, metrics.jsonl, loss plots,
+    tokenizer.json and, when the new run logs to the default CHECKPOINT_DIR/tensorboard, that folder)
+    into CHECKPOINT_DIR/previous_run.bak-YYYYmmdd-HHMMSS/. Renames only; nothing is deleted.
+    Returns that folder, or None when there was nothing to move."""
     directory = Path(directory)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    wanted = []
-    metrics = directory / METRICS_FILE
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        wanted.append(metrics)
+    wanted = sorted({p for pattern in RUN_FILES for p in directory.glob(pattern) if p.is_file()})
     tensorboard = directory / TENSORBOARD_DIR
-    if include_tensorboard and tensorboard.is_dir() and any(tensorboard.iterdir()):
+    if include_tensorboard and tensorboard.is_dir():
         wanted.append(tensorboard)
-    moved = []
-    for path in wanted:
-        target = _aside_name(path, stamp)
-        try:
-            os.rename(path, target)
-        except OSError as e:
-            done = "".join(f"; {a.name} was moved to {b.name}" for a, b in moved)
-            raise UserError(f"--overwrite: cannot move {path} aside to {target.name} ({e.strerror or e}){done}; "
-                            f"no file was deleted") from None
-        moved.append((path, target))
-    return moved
+    if not wanted:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = directory / f"previous_run.bak-{stamp}", 1
+    while aside.exists():
+        n += 1
+        aside = directory / f"previous_run.bak-{stamp}-{n}"
+    try:
+        aside.mkdir()
+        for path in wanted:
+            os.rename(path, aside / path.name)
+    except OSError as e:
+        raise UserError(f"--overwrite: cannot move the earlier run into {aside} ({e.strerror or e}); "
+                        f"no file was deleted (what moved is in {aside.name})") from None
+    return aside
 
 
-__all__ = ["PreviousRun", "find_previous_run", "refuse_reuse", "set_aside", "TENSORBOARD_DIR"]
+__all__ = ["PreviousRun", "find_previous_run", "refuse_reuse", "set_aside", "RUN_FILES", "TENSORBOARD_DIR"]

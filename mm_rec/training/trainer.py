@@ -30,7 +30,7 @@ from ..model.mmrec import MMRec100M
 from ..utils.errors import UserError
 from ..utils.device import resolve_device
 from . import distributed as D
-from .checkpoint import (STAGE_ORDER, checkpoint_name, hiding, load_checkpoint, prune_checkpoints, rng_state,
+from .checkpoint import (STAGE_ORDER, checkpoint_name, load_checkpoint, prune_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .data import open_training_data
@@ -57,9 +57,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.ckpt_dir = Path(cfg.checkpoint_dir)
         # Checked on rank 0 before anything is written; every rank stops with the same line.
-        # Under --overwrite: the names of the earlier run's checkpoints, which this run must neither
-        # prune nor recover from (a name leaves the set when this run saves it).
-        self._replaced: set[str] = set(D.broadcast_object(self._on_main(self._check_output_dir)) or ())
+        self._on_main(self._check_output_dir)
 
         self.model_config: MMRecConfig = cfg.model_config()
         self.resume_state = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
@@ -93,23 +91,19 @@ class Trainer:
         if self.is_main and self.tokenizer is not None:
             self.tokenizer.save(self.ckpt_dir / "tokenizer.json")
 
-    def _check_output_dir(self) -> list[str]:
+    def _check_output_dir(self) -> None:
         """Refuse a new run in a directory holding another (unless --overwrite), then check that it
-        can be written. Returns the earlier run's checkpoint names under --overwrite."""
+        can be written."""
         previous = None if self.cfg.resume_from else find_previous_run(self.ckpt_dir)
         if previous is not None and not self.cfg.overwrite:
             raise refuse_reuse(self.cfg.checkpoint_dir, previous)
         _check_writable(self.ckpt_dir)
-        return [p.name for p in previous.checkpoints] if previous is not None else []
 
     def _open_log(self, cfg: TrainConfig) -> MetricsLogger:
-        if cfg.overwrite:  # as late as possible: a run that fails to start leaves the old log in place
-            moved = set_aside(self.ckpt_dir, include_tensorboard=cfg.log_dir is None)
-            done = [f"{a.name} moved to {b.name}" for a, b in moved]
-            if self._replaced:
-                done.append(f"{len(self._replaced)} checkpoint(s) kept until this run saves the same names")
-            if done:
-                self.print(f"--overwrite: the earlier run in {_display(self.ckpt_dir)}: {', '.join(done)}")
+        if cfg.overwrite:  # as late as possible: a run that fails to start leaves the old one in place
+            aside = set_aside(self.ckpt_dir, include_tensorboard=cfg.log_dir is None)
+            if aside is not None:
+                self.print(f"--overwrite: the earlier run in {_display(self.ckpt_dir)} was moved to {_display(aside)}")
         return MetricsLogger(self.ckpt_dir, cfg.log_dir, cfg.wandb, cfg.wandb_project,
                              run_name=f"{cfg.preset}-{cfg.stage}", config=cfg.to_dict())
 
@@ -307,11 +301,10 @@ class Trainer:
         what = "loss" if not math.isfinite(float(loss)) else "gradient norm"
         used_up = recovery.attempts >= recovery.max_attempts
         D.barrier()  # rank 0 may still be writing a checkpoint
-        with hiding(self.ckpt_dir, self._replaced):  # --overwrite: never the earlier run's checkpoints
-            ok, path = recovery.recover(self.model, optimizer, scheduler)
+        ok, path = recovery.recover(self.model, optimizer, scheduler)
         if not ok:
             reason = (f"all {recovery.max_attempts} recovery attempts are used up" if used_up else
-                      f"no checkpoint {'of this run ' * bool(self._replaced)}in {self.ckpt_dir} to recover from")
+                      f"no checkpoint in {self.ckpt_dir} to recover from")
             self.log.log_event("recovery", spec.name, step, success=False, message=reason)
             raise UserError(f"non-finite {what} at step {step} of {spec.name} and {reason}; "
                             f"existing checkpoints are untouched (try a lower --learning_rate or --lr_scale)")
@@ -375,7 +368,6 @@ class Trainer:
     def _save(self, spec, step, loss, optimizer, scheduler, completed, val_losses=None) -> None:
         D.barrier()
         path = self.ckpt_dir / checkpoint_name(spec.name, step)
-        self._replaced.discard(path.name)  # on every rank, so they agree in _recover
         if self.is_main:
             model_config = self.model.config.to_dict()
             model_config["use_fusion"] = bool(self.model.use_fusion)
@@ -403,7 +395,7 @@ class Trainer:
                 raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; "
                                 f"earlier checkpoints are intact") from None
             self.print(f"💾 Checkpoint saved: {_display(path)}")
-            prune_checkpoints(self.ckpt_dir, spec.name, self.cfg.keep_last, spare=self._replaced)
+            prune_checkpoints(self.ckpt_dir, spec.name, self.cfg.keep_last)
         D.barrier()
 
 
