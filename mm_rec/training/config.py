@@ -20,6 +20,7 @@ from .stages import SCHEDULES, STAGE_NAMES, StageSpec
 
 MODEL_FLAGS = ("vocab_size", "expert_dim", "num_layers", "num_heads", "ffn_dim")
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _opt(default=None, help="", type=None, choices=None, group="training"):
@@ -88,6 +89,9 @@ class TrainConfig:
                                  PRECISIONS, "hardware")
     gradient_checkpointing: bool = _flag("recompute activations in the backward pass", "hardware")
     compile: bool = _flag("torch.compile the model", "hardware")
+    compile_mode: str = _opt("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs: "
+                             "fewer launches, best for short sequences) or max-autotune", str,
+                             COMPILE_MODES, "hardware")
 
     # ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -74,7 +74,8 @@ class Trainer:
         if self.resume_state is not None:
             self.model.load_state_dict(self.resume_state["model_state_dict"])
         D.broadcast_parameters(self.model)
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.forward_model = (torch.compile(self.model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+                              if cfg.compile else self.model)
 
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
