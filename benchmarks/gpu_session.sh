@@ -5,6 +5,7 @@
 # import ensure_default_corpus; ensure_default_corpus(32000)", copied from ~/.cache/mm_rec).
 #   bash benchmarks/gpu_session.sh tests bench        # GPU tests, training-step benchmark
 #   bash benchmarks/gpu_session.sh decode train ddp   # decode latency, real runs, 2-GPU DDP
+#   bash benchmarks/gpu_session.sh train_compiled     # the real run with --compile_mode reduce-overhead
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -19,7 +20,7 @@ has() { [[ " $PHASES " == *" $1 "* ]]; }
 PHASES="$*"
 
 if has tests; then
-  timeout ${TESTS_TIMEOUT:-200} python3 -m pytest tests/test_gpu_ops.py -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+  timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/test_gpu_ops.py -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
   grep -E "^(short|long)" "$OUT/gpu_tests.log" | sort -k3 -g | tail -3
 fi
@@ -49,6 +50,10 @@ train() {  # train NAME NPROC BATCHES(stage1,2,3) [extra args]: the three stages
 if has train; then
   train single 1 4,2,4
   python3 benchmarks/compare_runs.py $RUNS/single --json "$OUT/train_single.json"
+fi
+if has train_compiled; then  # the same single-GPU run with the compiled (CUDA-graphed) step
+  train single_compiled 1 4,2,4 --compile --compile_mode reduce-overhead
+  python3 benchmarks/compare_runs.py $RUNS/single_compiled --json "$OUT/train_single_compiled.json"
 fi
 if has ddp; then
   train ddp2_same_global 2 2,1,2       # the same global batch as "single": losses must agree
