@@ -1,6 +1,7 @@
 """Whole-model properties of MMRec100M, in float64 on the CPU."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mm_rec import MMRec100M, MMRecConfig
 from mm_rec.ops import reference_mode
@@ -203,7 +204,7 @@ def test_both_experts_batched_equal_expert_by_expert_with_gradients_and_states()
             emb = model.embedding(x)
             for name in ("text", "code"):
                 feats[name], states[name] = model.experts[name](emb, prev.get(name))
-            logits = model._head(feats, emb)
+            logits = model.lm_head(model._hidden(feats))
         logits.logsumexp(-1).mean().backward()
         return logits.detach(), states, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -212,6 +213,28 @@ def test_both_experts_batched_equal_expert_by_expert_with_gradients_and_states()
     assert max_diff(l1, l2) < 1e-12 and states_diff(s1, s2) < 1e-12
     assert g1.keys() == g2.keys() and max(max_diff(g1[n], g2[n]) for n in g1) < 1e-12
     assert all(g.abs().sum() > 0 for g in g1.values())
+
+
+@pytest.mark.parametrize("expert_type,chunk_size,head_chunk", [(None, None, 37), ("code", 64, 1000), (None, 50, 64)])
+def test_loss_in_head_chunks_equals_cross_entropy_of_the_logits(expert_type, chunk_size, head_chunk):
+    """model.loss never builds [B, T, vocab] logits, yet gives F.cross_entropy's value and gradients."""
+    model = tiny_model(use_fusion=True)
+    x, y = ids(T=120), ids(T=120, seed=9)
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, g_ref = grads(lambda: F.cross_entropy(model(x, expert_type=expert_type, chunk_size=chunk_size)
+                                               .flatten(0, 1), y.flatten()))
+    got, g_got = grads(lambda: model.loss(x, y, expert_type=expert_type, chunk_size=chunk_size, head_chunk=head_chunk))
+    assert abs(got.item() - ref.item()) < 1e-12
+    assert g_got.keys() == g_ref.keys() and max(max_diff(g_got[n], g_ref[n]) for n in g_ref) < 1e-12
+    loss, states = model.loss(x, y, expert_type=expert_type, return_memory=True)
+    _, ref_states = model(x, expert_type=expert_type, return_memory=True)
+    assert states_diff(states, ref_states) < 1e-12
 
 
 def test_float32_and_bf16_autocast_agree_with_float64():

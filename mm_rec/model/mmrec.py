@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import MMRecConfig
 from .expert import ExpertModule
@@ -81,7 +83,9 @@ class MMRec100M(nn.Module):
             raise ValueError(f"expert_type must be None, 'text', 'code' or 'fused', got {expert_type!r}")
         return self.config.expert_names if expert_type in (None, "fused") else (expert_type,)
 
-    def _head(self, features: dict, like: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, features: dict) -> torch.Tensor:
+        """[t ; c] (zeros for an expert that did not run), fused when use_fusion, normed: the LM
+        head's input [B, T, 2d]."""
         zeros = None
         parts = []
         for name in self.config.expert_names:
@@ -94,11 +98,11 @@ class MMRec100M(nn.Module):
         f = torch.cat(parts, dim=-1)
         if self.use_fusion:
             f = self.fusion(f)
-        return self.lm_head(self.norm(f))
+        return self.norm(f)
 
-    def _forward_span(self, input_ids, active, memory_states, head: bool = True):
+    def _forward_span(self, input_ids, active, memory_states, output: str = "logits"):
+        """One span through the active experts -> (logits | LM-head input | None, new states)."""
         x = self.embedding(input_ids)
-        features, new_states = {}, {}
         ckpt = self.use_gradient_checkpointing and self.training
         if len(active) > 1 and self._use_kernel_fusion:  # all experts as one batched computation
             states = None
@@ -106,20 +110,18 @@ class MMRec100M(nn.Module):
                 states = [memory_states.get(n) or self._zero_states(n, x) for n in active]
             outs, new = stacked_experts_forward([self.experts[n] for n in active], x, states, ckpt)
             features, new_states = dict(zip(active, outs)), dict(zip(active, new))
-            return (self._head(features, x) if head else None), new_states
-        for name in active:
-            states = None if memory_states is None else memory_states.get(name)
-            features[name], new_states[name] = self.experts[name](x, states, gradient_checkpointing=ckpt)
-        return (self._head(features, x) if head else None), new_states
+        else:
+            features, new_states = {}, {}
+            for name in active:
+                states = None if memory_states is None else memory_states.get(name)
+                features[name], new_states[name] = self.experts[name](x, states, gradient_checkpointing=ckpt)
+        if output == "none":
+            return None, new_states
+        hidden = self._hidden(features)
+        return (self.lm_head(hidden) if output == "logits" else hidden), new_states
 
-    def forward(self, input_ids: torch.Tensor, expert_type: str | None = None, memory_states: dict | None = None,
-                chunk_size: int | None = None, return_memory: bool = False):
-        """input_ids [B, T] -> logits [B, T, vocab] (and the final memory states if return_memory).
-
-        chunk_size=N runs the sequence N tokens at a time carrying the memory states: the same
-        logits, with activation memory bounded by the chunk. Inputs longer than
-        config.max_unchunked_len are chunked automatically.
-        """
+    def _run(self, input_ids, expert_type, memory_states, chunk_size, output: str):
+        """The whole sequence, chunk_size tokens at a time carrying the states (see forward)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         active = self._experts_for(expert_type)
@@ -129,14 +131,46 @@ class MMRec100M(nn.Module):
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if chunk_size is None or chunk_size >= T:
-            logits, states = self._forward_span(input_ids, active, memory_states)
-        else:
-            pieces, states = [], memory_states
-            for start in range(0, T, chunk_size):
-                piece, states = self._forward_span(input_ids[:, start:start + chunk_size], active, states)
-                pieces.append(piece)
-            logits = torch.cat(pieces, dim=1)
+            return self._forward_span(input_ids, active, memory_states, output)
+        pieces, states = [], memory_states
+        for start in range(0, T, chunk_size):
+            piece, states = self._forward_span(input_ids[:, start:start + chunk_size], active, states, output)
+            pieces.append(piece)
+        return (None if output == "none" else torch.cat(pieces, dim=1)), states
+
+    def forward(self, input_ids: torch.Tensor, expert_type: str | None = None, memory_states: dict | None = None,
+                chunk_size: int | None = None, return_memory: bool = False):
+        """input_ids [B, T] -> logits [B, T, vocab] (and the final memory states if return_memory).
+
+        chunk_size=N runs the sequence N tokens at a time carrying the memory states: the same
+        logits, with activation memory bounded by the chunk. Inputs longer than
+        config.max_unchunked_len are chunked automatically.
+        """
+        logits, states = self._run(input_ids, expert_type, memory_states, chunk_size, "logits")
         return (logits, states) if return_memory else logits
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, expert_type: str | None = None,
+             memory_states: dict | None = None, chunk_size: int | None = None, return_memory: bool = False,
+             head_chunk: int = 4096):
+        """Mean next-token cross-entropy (fp32) of forward's logits against targets [B, T], without
+        ever holding the [B, T, vocab] logits: the LM head and the loss run head_chunk tokens at a
+        time and are recomputed in backward (activation checkpointing), so the step keeps one
+        chunk's logits instead of every token's (at 4 x 4096 tokens and vocab 32000, gigabytes).
+        The same value and gradients as F.cross_entropy(model(input_ids).float(), targets)."""
+        hidden, states = self._run(input_ids, expert_type, memory_states, chunk_size, "hidden")
+        h, y = hidden.flatten(0, 1), targets.reshape(-1)
+        if head_chunk <= 0:
+            raise ValueError(f"head_chunk must be positive, got {head_chunk}")
+        total = sum(checkpoint(self._head_loss_sum, h[i:i + head_chunk], y[i:i + head_chunk], use_reentrant=False)
+                    if torch.is_grad_enabled() else self._head_loss_sum(h[i:i + head_chunk], y[i:i + head_chunk])
+                    for i in range(0, h.shape[0], head_chunk))
+        loss = total / y.numel()
+        return (loss, states) if return_memory else loss
+
+    def _head_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        logits = logits if logits.dtype == torch.float64 else logits.float()  # bf16 logits: the loss in fp32
+        return F.cross_entropy(logits, targets, reduction="sum")
 
     @torch.no_grad()
     def consume(self, input_ids: torch.Tensor, expert_type: str | None = None, memory_states: dict | None = None,
@@ -144,16 +178,9 @@ class MMRec100M(nn.Module):
         """Run a sequence through the experts for its memory states only: forward(...,
         return_memory=True)'s states without the LM head, so a long prompt (or a batch of them)
         never materialises [B, T, vocab] logits. Used by generation's prefill."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
-        active = self._experts_for(expert_type)
-        T = input_ids.shape[1]
-        chunk_size = chunk_size or self.config.max_unchunked_len
-        if chunk_size <= 0:
+        if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        states = memory_states
-        for start in range(0, T, chunk_size):
-            _, states = self._forward_span(input_ids[:, start:start + chunk_size], active, states, head=False)
+        _, states = self._run(input_ids, expert_type, memory_states, chunk_size, "none")
         return states
 
     @torch.no_grad()
@@ -169,7 +196,7 @@ class MMRec100M(nn.Module):
         for name in self._experts_for(expert_type):
             states = None if memory_states is None else memory_states.get(name)
             features[name], new_states[name] = self.experts[name].step(x, states)
-        return self._head(features, x), new_states
+        return self.lm_head(self._hidden(features)), new_states
 
     def _zero_states(self, name: str, x: torch.Tensor) -> list:
         dtype = torch.promote_types(x.dtype, torch.float32)

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..model.config import MMRecConfig
@@ -74,8 +73,10 @@ class Trainer:
         if self.resume_state is not None:
             self.model.load_state_dict(self.resume_state["model_state_dict"])
         D.broadcast_parameters(self.model)
-        self.forward_model = (torch.compile(self.model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
-                              if cfg.compile else self.model)
+        # The step's loss: model.loss runs the LM head and cross-entropy in chunks, never holding
+        # the [B, T, vocab] logits (recomputed in backward).
+        self.loss_fn = (torch.compile(self.model.loss, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+                        if cfg.compile else self.model.loss)
 
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -261,10 +262,10 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             return_memory = want_memory and micro == 0
             with self._autocast():
-                out = self.forward_model(x, expert_type=expert_type, chunk_size=cfg.chunk_size,
-                                         return_memory=return_memory)
-            logits, states = out if return_memory else (out, None)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
+                out = self.loss_fn(x, y, expert_type=expert_type, chunk_size=cfg.chunk_size,
+                                   return_memory=return_memory)
+            loss, states = out if return_memory else (out, None)
+            loss = loss / accum
             if self._inject_nan(step):
                 loss = loss * float("nan")
             self.scaler.scale(loss).backward()
