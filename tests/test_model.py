@@ -237,6 +237,30 @@ def test_loss_in_head_chunks_equals_cross_entropy_of_the_logits(expert_type, chu
     assert states_diff(states, ref_states) < 1e-12
 
 
+@pytest.mark.parametrize("expert_type", [None, "text"])  # both experts batched; one expert's own blocks
+def test_recomputed_gates_give_the_same_gradients_and_save_activations(expert_type):
+    model = tiny_model()
+    x = ids(T=64)
+
+    def run(recompute):
+        model.recompute_gates = recompute
+        model.zero_grad(set_to_none=True)
+        saved = {}
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x, expert_type=expert_type).logsumexp(-1).mean()
+        loss.backward()
+        return sum(saved.values()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept_plain, g_plain = run(False)
+    kept_recomputed, g_recomputed = run(True)
+    assert g_plain.keys() == g_recomputed.keys()
+    assert max(max_diff(g_plain[n], g_recomputed[n]) for n in g_plain) < 1e-12
+    assert kept_recomputed < 0.9 * kept_plain, (kept_recomputed, kept_plain)
+
+
 def test_float32_and_bf16_autocast_agree_with_float64():
     model = tiny_model()
     x = ids(T=100)

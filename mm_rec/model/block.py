@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import long_term_memory, short_term_memory
 from .config import MMRecConfig
@@ -59,6 +60,9 @@ class MMRecBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         # Set by the model: fused projection / GPU kernels on (True) or plain PyTorch (False).
         self.use_kernel_fusion = True
+        # Recompute the gates (MDI, input gate, long-term decay) in backward instead of keeping
+        # their fp32 intermediates: less activation memory for a little elementwise work.
+        self.recompute_gates = True
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -105,7 +109,10 @@ class MMRecBlock(nn.Module):
         H, Dh = self.num_heads, self.head_dim
         u = self.norm(x)
         q, k, v, z, g = self._project(u)
-        log_gamma, x_in, log_alpha = self._gates(u, k, z, g)
+        if torch.is_grad_enabled() and self.recompute_gates:
+            log_gamma, x_in, log_alpha = checkpoint(self._gates, u, k, z, g, use_reentrant=False)
+        else:
+            log_gamma, x_in, log_alpha = self._gates(u, k, z, g)
         h0 = None if state is None else state["h"]
         M0 = None if state is None else state["M"]
         allow = self.use_kernel_fusion

@@ -48,12 +48,21 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
     x2 = x.reshape(E, B * T, d)
     u = _rms_norm(x2, get("norm"), eps)
     q, k, v, z, g = _linear(u, get("in_proj")).chunk(5, dim=-1)
-    a = _linear(F.gelu(_linear(z, mdi("base_in"))), mdi("base_out"))
-    c = _linear(F.gelu(_linear(k, mdi("context_in"))), mdi("context_out"))
-    log_gamma = F.logsigmoid(at_least_fp32(a)) + F.logsigmoid(at_least_fp32(c))
-    x_in = torch.sigmoid(at_least_fp32(g)) * at_least_fp32(z)
-    log_alpha = F.logsigmoid(at_least_fp32(_linear(_linear(u, get("alpha_down")), get("alpha_up"))))
-    log_alpha = log_alpha / cfg.alpha_temperature
+
+    def gates(u, k, z, g):
+        a = _linear(F.gelu(_linear(z, mdi("base_in"))), mdi("base_out"))
+        c = _linear(F.gelu(_linear(k, mdi("context_in"))), mdi("context_out"))
+        log_gamma = F.logsigmoid(at_least_fp32(a)) + F.logsigmoid(at_least_fp32(c))
+        x_in = torch.sigmoid(at_least_fp32(g)) * at_least_fp32(z)
+        log_alpha = F.logsigmoid(at_least_fp32(_linear(_linear(u, get("alpha_down")), get("alpha_up"))))
+        return log_gamma, x_in, log_alpha / cfg.alpha_temperature
+
+    # The gates' fp32 intermediates are a fifth of a layer's saved activations and cheap to redo:
+    # recompute them in backward (only their inputs, which the step keeps anyway, are saved).
+    if torch.is_grad_enabled() and first.recompute_gates:
+        log_gamma, x_in, log_alpha = checkpoint(gates, u, k, z, g, use_reentrant=False)
+    else:
+        log_gamma, x_in, log_alpha = gates(u, k, z, g)
 
     # Both recurrences over E * B sequences in one call each.
     h0 = None if states is None else torch.cat([s["h"] for s in states])
