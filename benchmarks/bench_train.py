@@ -1,7 +1,8 @@
 """Training-step throughput of the 100M MM-Rec against what a user would pick instead.
 
-One process measures, per batch shape, a full training step (forward, cross-entropy, backward,
-fused AdamW, zero_grad; bf16 autocast) of
+One process measures, per batch shape, a full training step (forward, cross-entropy with the LM
+head in 4096-token chunks as train_modular does it, backward, fused AdamW, zero_grad; bf16
+autocast) of
   mmrec-gpu            MM-Rec, GPU path (fla-core Triton recurrences, fused projection), eager
   mmrec-gpu-compiled   the same under torch.compile (--compile-mode, CUDA graphs by default)
   mmrec-pytorch        MM-Rec on the pure-PyTorch path (use_kernel_fusion=False), eager
@@ -127,16 +128,14 @@ def mixer_flops_per_token(variant, T, expert_type, model):
 # -- one training step ----------------------------------------------------------------------------
 def make_step(model, variant, compile_mode):
     import torch
-    import torch.nn.functional as F
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     if variant == "fla-gla":
         def loss_fn(x, y, expert_type):
             return model(input_ids=x, labels=y).loss
-    else:
+    else:  # as train_modular computes it: the LM head and the loss in chunks (mm_rec/model/loss.py)
         def loss_fn(x, y, expert_type):
-            logits = model(x, expert_type=expert_type)
-            return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            return model.loss(x, y, expert_type=expert_type)
 
     if variant.endswith("compiled"):
         loss_fn = torch.compile(loss_fn, mode=None if compile_mode == "default" else compile_mode)

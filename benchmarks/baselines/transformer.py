@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mm_rec.model.config import MMRecConfig
 from mm_rec.model.fusion import FusionLayer
+from mm_rec.model.loss import chunked_cross_entropy
 from mm_rec.model.norms import RMSNorm
 
 
@@ -89,6 +90,13 @@ class TransformerBaseline(nn.Module):
         nn.init.normal_(self.lm_head.weight, std=config.init_std)
 
     def forward(self, input_ids, expert_type=None):
+        return self.lm_head(self.hidden(input_ids, expert_type))
+
+    def loss(self, input_ids, targets, expert_type=None):
+        """Mean cross-entropy with the LM head in chunks, as MMRec100M.loss (mm_rec/model/loss.py)."""
+        return chunked_cross_entropy(self.hidden(input_ids, expert_type), self.lm_head, targets)
+
+    def hidden(self, input_ids, expert_type=None):
         active = self.config.expert_names if expert_type in (None, "fused") else (expert_type,)
         x = self.embedding(input_ids)
         cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, x.device)
@@ -97,7 +105,7 @@ class TransformerBaseline(nn.Module):
         f = torch.cat([feats.get(n, zeros) for n in self.config.expert_names], -1)
         if self.use_fusion:
             f = self.fusion(f)
-        return self.lm_head(self.norm(f))
+        return self.norm(f)
 
 
 def matched_ffn_dim(config: MMRecConfig, target_params: int) -> int:

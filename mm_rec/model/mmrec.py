@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .config import MMRecConfig
 from .expert import ExpertModule
 from .fusion import FusionLayer
+from .loss import chunked_cross_entropy
 from .norms import RMSNorm
 from .stacked import stacked_experts_forward
 
@@ -170,19 +169,8 @@ class MMRec100M(nn.Module):
         chunk's logits instead of every token's (at 4 x 4096 tokens and vocab 32000, gigabytes).
         The same value and gradients as F.cross_entropy(model(input_ids).float(), targets)."""
         hidden, states = self._run(input_ids, expert_type, memory_states, chunk_size, "hidden")
-        h, y = hidden.flatten(0, 1), targets.reshape(-1)
-        if head_chunk <= 0:
-            raise ValueError(f"head_chunk must be positive, got {head_chunk}")
-        total = sum(checkpoint(self._head_loss_sum, h[i:i + head_chunk], y[i:i + head_chunk], use_reentrant=False)
-                    if torch.is_grad_enabled() else self._head_loss_sum(h[i:i + head_chunk], y[i:i + head_chunk])
-                    for i in range(0, h.shape[0], head_chunk))
-        loss = total / y.numel()
+        loss = chunked_cross_entropy(hidden, self.lm_head, targets, head_chunk)
         return (loss, states) if return_memory else loss
-
-    def _head_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        logits = logits if logits.dtype == torch.float64 else logits.float()  # bf16 logits: the loss in fp32
-        return F.cross_entropy(logits, targets, reduction="sum")
 
     @torch.no_grad()
     def consume(self, input_ids: torch.Tensor, expert_type: str | None = None, memory_states: dict | None = None,
