@@ -126,12 +126,17 @@ def test_memory_hook_warns_outside_the_thresholds(caplog):
         MemoryNormHook(high=1000.0, low=0.0)(states, step=12)
     assert caplog.records == []
 
-    # Still outside at the next call: no repeat. Back in range, then out again: warned anew.
+    # Still outside at the next call: no repeat. Just inside (|h| = 90), then out: no repeat either.
+    # Well inside (|h| = 2, |M| = 0.2), then out again: warned anew.
     inside = {"text": [{"h": torch.full((2, 4), 1.0), "M": torch.full((2, 1, 2, 2), 0.1)}] * 2}
-    for step, s, expect in [(13, states, []), (14, inside, []), (15, states, ["text/layer_0/h", "text/layer_1/M"])]:
+    near = {"text": [{"h": torch.full((2, 4), 45.0), "M": torch.full((2, 1, 2, 2), 0.1)},
+                     {"h": torch.full((2, 4), 1.0), "M": torch.zeros(2, 1, 2, 2)}]}
+    for step, s, expect in [(13, states, []), (14, near, []), (15, states, []), (16, inside, []),
+                            (17, states, ["text/layer_0/h", "text/layer_1/M"])]:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger=LOGGER):
-            assert hook(s, step=step)["text/layer_0/h"] == pytest.approx(200.0 if s is states else 2.0)
+            assert hook(s, step=step)["text/layer_0/h"] == pytest.approx({id(states): 200.0, id(near): 90.0,
+                                                                          id(inside): 2.0}[id(s)])
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == (1 if expect else 0)
         assert all(k in warnings[0] for k in expect) if expect else True

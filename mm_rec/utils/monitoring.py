@@ -119,8 +119,8 @@ class MemoryNormHook:
 
     A norm above `high` (100) or below `low` (0.001) is logged as one warning line naming the layers
     concerned, when a state leaves that range (not again on every call while it stays out: a long
-    run would print the same line thousands of times; it warns anew once the state came back and
-    left again). The values are in the returned dict (and metrics.jsonl) either way. `last` holds
+    run would print the same line thousands of times; it warns anew once the state came back well
+    inside, within a factor 2 of the bounds, and left again). The values are in the returned dict (and metrics.jsonl) either way. `last` holds
     the latest dict.
     """
 
@@ -162,7 +162,10 @@ class MemoryNormHook:
         outside = {key for key, value in zip(keys, values) if not (self.low <= value <= self.high)}
         anomalies = [f"{expert}/layer_{i}/{name}={value:.3g}" for (expert, i, name), value in zip(keys, values)
                      if (expert, i, name) in outside - self._outside]
-        self._outside = outside
+        # A state counts as back only well inside the range (a factor 2 from either bound), so one
+        # hovering at the threshold is not reported again at every crossing.
+        settled = {key for key, value in zip(keys, values) if 2 * self.low <= value <= self.high / 2}
+        self._outside = (self._outside | outside) - settled
         if anomalies:
             shown = ", ".join(anomalies[:8]) + (f" (+{len(anomalies) - 8} more)" if len(anomalies) > 8 else "")
             self.log.warning("step %s: memory norm outside [%g, %g]: %s", step, self.low, self.high, shown)
