@@ -118,11 +118,13 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs):
         assert_states_close({i: sa[i]["exp_avg"] for i in sa}, {i: sb[i]["exp_avg"] for i in sb}, total_rtol=1e-3)
 
 
-def test_resume_a_two_process_checkpoint_in_one_process(runs, data_dir):
+def test_resume_a_two_process_checkpoint_in_one_process(runs, data_dir, capsys):
     out = runs["root"] / "resumed"
     mid = runs["ddp"] / "checkpoint_stage2_step_2.pt"
     before = mid.read_bytes()
+    assert load_checkpoint(mid)["world_size"] == 2
     assert run_cli(train_modular.main, argv(data_dir, out, 4, "--resume_from", str(mid))) == 0
+    assert "changed settings" not in capsys.readouterr().out  # 2 x 2 -> 1 x 4: the same global batch
     got, want = losses(out), losses(runs["single"])
     assert sorted(got) == [("stage2", 3), ("stage2", 4)] + [("stage3", n) for n in range(1, STEPS + 1)]
     for key in got:

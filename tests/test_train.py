@@ -329,3 +329,13 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     assert all(p.dim() >= 2 for p in decay["params"])
     assert any(p is model.embedding.weight for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_resume_with_another_global_batch_is_noted(data_dir, tmp_path, capsys):
+    train(data_dir, tmp_path / "a", "--stage", "stage1", "--max_steps", "4", "--checkpoint_interval", "2",
+          "--eval_interval", "0")
+    capsys.readouterr()
+    train(data_dir, tmp_path / "a", "--stage", "stage1", "--max_steps", "4", "--eval_interval", "0",
+          "--batch_size", "8", "--resume_from", str(tmp_path / "a" / "checkpoint_stage1_step_2.pt"))
+    out = capsys.readouterr().out
+    assert "changed settings: global batch 4 -> 8 (batch_size 4 x 1 -> 8 x 1 processes)" in out

@@ -386,6 +386,7 @@ class Trainer:
                 "data_position": {"stage": spec.name, "next_step": step + 1, "seed": self.cfg.seed},
                 "stage_completed": completed,
                 "lr_scale": self.lr_scale,
+                "world_size": self.dist.world_size,
                 "val_losses": val_losses,
                 "tokenizer": None if self.tokenizer is None else self.tokenizer.to_json(),
             }
@@ -437,9 +438,16 @@ def _check_same_model(state: dict, config: MMRecConfig, path) -> None:
 def _warn_schedule_change(trainer: Trainer, state: dict, spec: StageSpec) -> None:
     before = state.get("train_args") or {}
     changed = [f"{k} {before[k]} -> {getattr(trainer.cfg, k)}"
-               for k in ("batch_size", "seq_len", "max_steps", "learning_rate", "warmup_steps", "grad_accum_steps",
+               for k in ("seq_len", "max_steps", "learning_rate", "warmup_steps", "grad_accum_steps",
                          "seed", "preset")
                if k in before and before[k] != getattr(trainer.cfg, k)]
+    # --batch_size is per process: what matters is the global batch (a resume on another number of
+    # GPUs that keeps it trains on the same batches).
+    b_then, b_now = before.get("batch_size"), trainer.cfg.batch_size
+    w_then, w_now = int(state.get("world_size", 1)), trainer.dist.world_size
+    if b_then is not None and b_now is not None and b_then * w_then != b_now * w_now:
+        changed.insert(0, f"global batch {b_then * w_then} -> {b_now * w_now} "
+                          f"(batch_size {b_then} x {w_then} -> {b_now} x {w_now} processes)")
     if changed:
         trainer.print(f"note: resuming {spec.name} with changed settings: {', '.join(changed)}")
 
