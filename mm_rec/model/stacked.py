@@ -20,13 +20,44 @@ from ..ops import long_term_memory, short_term_memory
 from .block import MMRecBlock, at_least_fp32
 
 
-def _linear(x: torch.Tensor, layers: list) -> torch.Tensor:
+# Every nn.Linear of a block, by submodule name.
+LINEARS = ("in_proj", "mdi.base_in", "mdi.base_out", "mdi.context_in", "mdi.context_out", "alpha_down",
+           "alpha_up", "out_gate", "out_proj", "ffn_in", "ffn_out")
+
+
+def _stacked_linears(blocks: list[MMRecBlock]) -> dict:
+    """Each Linear of the E blocks as (weight [E, in, out], bias [E, 1, out] or None).
+
+    Built with one cat of every weight and bias of the layer (and, under autocast, one cast of the
+    result): two kernels per layer instead of a stack and a cast per Linear. split() hands out the
+    pieces, so backward is one cat of their gradients, not a zero-filled copy per piece."""
+    E = len(blocks)
+    parts, layout = [], []
+    for name in LINEARS:
+        mods = [b.get_submodule(name) for b in blocks]
+        parts += [m.weight.reshape(-1) for m in mods]
+        layout.append((name, "weight", mods[0].weight.shape))
+        if mods[0].bias is not None:
+            parts += [m.bias for m in mods]
+            layout.append((name, "bias", mods[0].bias.shape))
+    flat = torch.cat(parts)
+    device = flat.device.type
+    if flat.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        flat = flat.to(torch.get_autocast_dtype(device))
+    pieces = flat.split([E * shape.numel() for _, _, shape in layout])
+    out = {}
+    for (name, kind, shape), piece in zip(layout, pieces):
+        if kind == "weight":
+            out[name] = (piece.view(E, *shape).transpose(1, 2), None)
+        else:
+            out[name] = (out[name][0], piece.view(E, 1, shape[0]))
+    return out
+
+
+def _linear(x: torch.Tensor, weight_bias: tuple) -> torch.Tensor:
     """x [E, N, in] @ each expert's Linear -> [E, N, out] in one batched matmul."""
-    weight = torch.stack([m.weight for m in layers]).transpose(1, 2)  # [E, in, out]
-    if layers[0].bias is None:
-        return torch.bmm(x, weight)
-    bias = torch.stack([m.bias for m in layers]).unsqueeze(1)          # [E, 1, out]
-    return torch.baddbmm(bias, x, weight)
+    weight, bias = weight_bias
+    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
 
 
 def _rms_norm(x: torch.Tensor, norms: list, eps: float) -> torch.Tensor:
@@ -43,18 +74,18 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
     cfg, H, Dh = first.config, first.num_heads, first.head_dim
     eps = cfg.norm_eps
     get = lambda name: [getattr(b, name) for b in blocks]
-    mdi = lambda name: [getattr(b.mdi, name) for b in blocks]
+    W = _stacked_linears(blocks)
 
     x2 = x.reshape(E, B * T, d)
     u = _rms_norm(x2, get("norm"), eps)
-    q, k, v, z, g = _linear(u, get("in_proj")).chunk(5, dim=-1)
+    q, k, v, z, g = _linear(u, W["in_proj"]).chunk(5, dim=-1)
 
     def gates(u, k, z, g):
-        a = _linear(F.gelu(_linear(z, mdi("base_in"))), mdi("base_out"))
-        c = _linear(F.gelu(_linear(k, mdi("context_in"))), mdi("context_out"))
+        a = _linear(F.gelu(_linear(z, W["mdi.base_in"])), W["mdi.base_out"])
+        c = _linear(F.gelu(_linear(k, W["mdi.context_in"])), W["mdi.context_out"])
         log_gamma = F.logsigmoid(at_least_fp32(a)) + F.logsigmoid(at_least_fp32(c))
         x_in = torch.sigmoid(at_least_fp32(g)) * at_least_fp32(z)
-        log_alpha = F.logsigmoid(at_least_fp32(_linear(_linear(u, get("alpha_down")), get("alpha_up"))))
+        log_alpha = F.logsigmoid(at_least_fp32(_linear(_linear(u, W["alpha_down"]), W["alpha_up"])))
         return log_gamma, x_in, log_alpha / cfg.alpha_temperature
 
     # The gates' fp32 intermediates are a fifth of a layer's saved activations and cheap to redo:
@@ -76,10 +107,10 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
     o = o.reshape(E, B * T, H, Dh).to(u.dtype)
     o_normed = F.rms_norm(o, (Dh,), eps=eps).reshape(E, B * T, d) * torch.stack(
         [b.o_norm.weight for b in blocks]).unsqueeze(1)
-    mixed = torch.cat([_rms_norm(h, get("h_norm"), eps), o_normed * F.silu(_linear(u, get("out_gate")))], -1)
+    mixed = torch.cat([_rms_norm(h, get("h_norm"), eps), o_normed * F.silu(_linear(u, W["out_gate"]))], -1)
     p, training = cfg.dropout, first.training
-    x2 = x2 + F.dropout(_linear(mixed, get("out_proj")), p, training)
-    ffn = _linear(F.gelu(_linear(_rms_norm(x2, get("ffn_norm"), eps), get("ffn_in"))), get("ffn_out"))
+    x2 = x2 + F.dropout(_linear(mixed, W["out_proj"]), p, training)
+    ffn = _linear(F.gelu(_linear(_rms_norm(x2, get("ffn_norm"), eps), W["ffn_in"])), W["ffn_out"])
     x2 = x2 + F.dropout(ffn, p, training)
     new_states = [{"h": hs, "M": Ms} for hs, Ms in zip(h_T.chunk(E), M_T.chunk(E))]
     return x2.reshape(E, B, T, d), new_states
