@@ -425,6 +425,8 @@ def _check_same_model(state: dict, config: MMRecConfig, path) -> None:
         theirs["expert_names"] = list(theirs["expert_names"])
     ours["expert_names"] = list(ours["expert_names"])
     diff = [k for k in ours if theirs[k] != ours[k]]
+    if "expert_dim" in diff and "mdi_dim" in diff:  # mdi_dim follows expert_dim (d / 4): no flag of its own
+        diff.remove("mdi_dim")
     if diff:
         shown = ", ".join(f"{k}={theirs[k]} (flags: {ours[k]})" for k in diff)
         flags = " ".join(f"--{k} {theirs[k]}" for k in diff if k in ("vocab_size", "expert_dim", "num_layers",
