@@ -60,6 +60,29 @@ def _linear(x: torch.Tensor, weight_bias: tuple) -> torch.Tensor:
     return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
 
 
+class _GeluLinear(torch.autograd.Function):
+    """y = gelu(h) @ weight (+ bias), batched over the experts, keeping h rather than gelu(h) for
+    backward: the FFN's widest activation (ffn_dim channels) is saved once instead of twice, and
+    gelu is recomputed (one elementwise pass). Inputs arrive in one dtype (autocast already cast
+    them), so forward and backward need no autocast of their own."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        a = F.gelu(h)
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return torch.bmm(a, weight) if bias is None else torch.baddbmm(bias, a, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight = ctx.saved_tensors
+        dy = dy.to(h.dtype)
+        d_weight = torch.bmm(F.gelu(h).transpose(1, 2), dy)
+        d_h = torch.ops.aten.gelu_backward(torch.bmm(dy, weight.transpose(1, 2)), h)
+        d_bias = dy.sum(1, keepdim=True) if ctx.has_bias else None
+        return d_h, d_weight, d_bias
+
+
 def _rms_norm(x: torch.Tensor, norms: list, eps: float) -> torch.Tensor:
     """Per-expert RMSNorm of x [E, N, d]."""
     weight = torch.stack([n.weight for n in norms]).unsqueeze(1)       # [E, 1, d]
@@ -110,7 +133,10 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
     mixed = torch.cat([_rms_norm(h, get("h_norm"), eps), o_normed * F.silu(_linear(u, W["out_gate"]))], -1)
     p, training = cfg.dropout, first.training
     x2 = x2 + F.dropout(_linear(mixed, W["out_proj"]), p, training)
-    ffn = _linear(F.gelu(_linear(_rms_norm(x2, get("ffn_norm"), eps), W["ffn_in"])), W["ffn_out"])
+    ffn_hidden = _linear(_rms_norm(x2, get("ffn_norm"), eps), W["ffn_in"])
+    ffn_weight, ffn_bias = W["ffn_out"]
+    ffn = _GeluLinear.apply(ffn_hidden, ffn_weight.to(ffn_hidden.dtype),
+                            None if ffn_bias is None else ffn_bias.to(ffn_hidden.dtype))
     x2 = x2 + F.dropout(ffn, p, training)
     new_states = [{"h": hs, "M": Ms} for hs, Ms in zip(h_T.chunk(E), M_T.chunk(E))]
     return x2.reshape(E, B, T, d), new_states
