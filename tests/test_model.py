@@ -187,9 +187,12 @@ def test_kernel_fusion_switch_computes_the_same_function():
     assert max_diff(model(x), fused) < 1e-12
 
 
-def test_both_experts_batched_equal_expert_by_expert_with_gradients_and_states():
-    """model/stacked.py (both experts in one batched computation) == each expert's own blocks."""
+@pytest.mark.parametrize("expert_type", [None, "code"])
+def test_both_experts_batched_equal_expert_by_expert_with_gradients_and_states(expert_type):
+    """model/stacked.py (the active experts in one batched computation; E = 1 for one expert) ==
+    each expert's own blocks (MMRecBlock.forward)."""
     model = tiny_model(use_fusion=True, dropout=0.0)
+    active = ("text", "code") if expert_type is None else (expert_type,)
     x = ids(T=70)
     # carried state for the text expert only: the code expert starts from zeros on both paths
     with torch.no_grad():
@@ -198,21 +201,24 @@ def test_both_experts_batched_equal_expert_by_expert_with_gradients_and_states()
     def run(batched):
         model.zero_grad(set_to_none=True)
         if batched:
-            logits, states = model(x, memory_states=prev, return_memory=True)
+            logits, states = model(x, expert_type=expert_type, memory_states=prev, return_memory=True)
         else:  # the same model, expert by expert (MMRecBlock.forward), fused projection kept
             feats, states = {}, {}
             emb = model.embedding(x)
-            for name in ("text", "code"):
+            for name in active:
                 feats[name], states[name] = model.experts[name](emb, prev.get(name))
             logits = model.lm_head(model._hidden(feats))
         logits.logsumexp(-1).mean().backward()
-        return logits.detach(), states, {n: p.grad.clone() for n, p in model.named_parameters()}
+        return logits.detach(), states, {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None}
 
     l1, s1, g1 = run(True)
     l2, s2, g2 = run(False)
     assert max_diff(l1, l2) < 1e-12 and states_diff(s1, s2) < 1e-12
     assert g1.keys() == g2.keys() and max(max_diff(g1[n], g2[n]) for n in g1) < 1e-12
     assert all(g.abs().sum() > 0 for g in g1.values())
+    idle = [n for n, _ in model.named_parameters() if n.startswith("experts.") and n.split(".")[1] not in active]
+    assert all(n not in g1 for n in idle)  # an expert that did not run gets no gradient
 
 
 @pytest.mark.parametrize("expert_type,chunk_size,head_chunk", [(None, None, 37), ("code", 64, 1000), (None, 50, 64)])

@@ -115,7 +115,7 @@ class MMRec100M(nn.Module):
         """One span through the active experts -> (logits | LM-head input | None, new states)."""
         x = self.embedding(input_ids)
         ckpt = self.use_gradient_checkpointing and self.training
-        if len(active) > 1 and self._use_kernel_fusion:  # all experts as one batched computation
+        if self._use_kernel_fusion:  # the active experts as one batched computation (model/stacked.py)
             states = None
             if memory_states is not None and any(memory_states.get(n) is not None for n in active):
                 states = [memory_states.get(n) or self._zero_states(n, x) for n in active]

@@ -9,6 +9,9 @@ kernel launches of a training step and doubles the work of each latency-bound re
 
 The parameters stay in the per-expert `MMRecBlock`s (same state_dict, same optimizer groups), and
 the function is exactly `MMRecBlock.forward` per expert: tests hold the two paths equal in float64.
+With one expert active (Stage 2, expert_type="text"/"code") the same code runs with E = 1, so every
+stage gets the same fused weights and activation savings; `MMRecBlock.forward` stays the plain
+per-expert form (use_kernel_fusion=False) that this one is checked against.
 """
 from __future__ import annotations
 
