@@ -26,7 +26,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    grad = torch.is_grad_enabled()
+    # One chunk: recomputing it would not lower the peak (its logits are rebuilt while the whole
+    # step's activations are still alive), so it runs plainly.
+    grad = torch.is_grad_enabled() and h.shape[0] > chunk
     total = sum(checkpoint(_head_loss_sum, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False) if grad
                 else _head_loss_sum(head, h[i:i + chunk], y[i:i + chunk])
                 for i in range(0, h.shape[0], chunk))
