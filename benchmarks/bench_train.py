@@ -65,7 +65,8 @@ def parse_args(argv=None):
                    help="torch.compile mode for the *-compiled variants (default: CUDA graphs)")
     p.add_argument("--pytorch-max-tokens", type=int, default=16384,
                    help="skip mmrec-pytorch above this many tokens per step (it is slow)")
-    p.add_argument("--profile", default=None, help="BxT:variant to profile with torch.profiler")
+    p.add_argument("--profile", default=None,
+                   help="SHAPE:VARIANT[,SHAPE:VARIANT...] to profile one step of with torch.profiler")
     p.add_argument("--out", default="bench_train.json", help="JSON results file")
     return p.parse_args(argv)
 
@@ -285,8 +286,11 @@ def main(argv=None):
         print_table([r for r in results if r["shape"] == shape_name])
         write_json(args, props, torch, ceiling, results)  # after every shape: a timeout loses little
 
-    if args.profile:
-        profile(args.profile, models, steps, dev)
+    for spec in filter(None, (args.profile or "").split(",")):
+        try:
+            profile(spec, models, steps, dev)
+        except Exception as e:  # a profile is extra: keep the table
+            print(f"profile {spec} failed: {type(e).__name__}: {e}")
 
     print_table(results)
     write_json(args, props, torch, ceiling, results)
@@ -340,10 +344,25 @@ def profile(spec, models, steps, dev):
     launches = sum(e.count for e in events)
     print(f"\nprofile {spec}: step {wall * 1e3:.1f} ms (profiled), GPU busy {busy * 1e3:.1f} ms "
           f"({100 * busy / wall:.0f}%), {launches} kernels")
+    # GPU time by kind of kernel (names matched loosely: enough to see what dominates).
+    kinds = {}
+    for e in events:
+        n = e.key.lower()
+        kind = ("matmul" if any(s in n for s in ("gemm", "cutlass", "sm90", "matmul", "cublas", "nvjet"))
+                else "recurrence" if any(s in n for s in ("chunk", "diag_scan", "gla", "hgrn"))
+                else "attention" if any(s in n for s in ("flash", "attention", "fmha"))
+                else "norm" if "norm" in n
+                else "triton (fused by inductor)" if n.startswith("triton_")
+                else "copy/cast" if any(s in n for s in ("copy", "cat", "memcpy", "memset", "fill"))
+                else "elementwise/reduce/other")
+        t, c = kinds.get(kind, (0.0, 0))
+        kinds[kind] = (t + e.self_device_time_total / 1e3, c + e.count)
+    for kind, (t, c) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {kind:28s} {t:8.2f} ms  {100 * t / (busy * 1e3):5.1f}% of GPU time  {c:6d} kernels")
     try:
-        print(p.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+        print(p.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
     except Exception:
-        print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+        print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,15 @@
 #   bash benchmarks/gpu_session.sh decode train ddp   # decode latency, real runs, 2-GPU DDP
 #   bash benchmarks/gpu_session.sh train_compiled     # the real run with --compile_mode reduce-overhead
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# SITE: where the wheels go (WHEELS: which; default fla-core only, the flash-linear-attention wheel
+# adds fla.models for bench_train's fla-gla variant). Installed once: concurrent sessions on the
+# machine's GPUs (CUDA_VISIBLE_DEVICES) share it.
+SITE=${SITE:-/tmp/site}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -1
+[[ -d $SITE/fla ]] || python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+    ${WHEELS:-.whl/fla_core-*.whl} 2>&1 | grep -v "as the 'root' user" | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 git rev-parse HEAD 2>/dev/null | tee "$OUT/commit.txt"
 DATA=${DATA:-.gpu_data/default32k}
@@ -20,15 +25,17 @@ has() { [[ " $PHASES " == *" $1 "* ]]; }
 PHASES="$*"
 
 if has tests; then
-  timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/test_gpu_ops.py -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+  timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/test_gpu_ops.py -q -s -p no:cacheprovider --durations=0 \
+      > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
   grep -E "^(short|long)" "$OUT/gpu_tests.log" | sort -k3 -g | tail -3
 fi
-if has bench; then
-  timeout ${BENCH_TIMEOUT:-360} python3 benchmarks/bench_train.py --out "$OUT/bench_train.json" \
+if has bench; then  # BENCH_NAME names the files, for several bench runs in one call
+  name=${BENCH_NAME:-bench}
+  timeout ${BENCH_TIMEOUT:-360} python3 benchmarks/bench_train.py --out "$OUT/${name}_train.json" \
       ${BENCH_ARGS:---shapes stage1,stage2,8x8192 --pytorch-max-tokens 4096 --repeats 5 --steps 3} \
-      > "$OUT/bench.log" 2>&1
-  echo "bench rc=$?"; grep -v "warm-up" "$OUT/bench.log" | tail -25
+      > "$OUT/$name.log" 2>&1
+  echo "$name rc=$?"; grep -v "warm-up" "$OUT/$name.log" | grep -A30 "^shape " | tail -32
 fi
 if has decode; then
   timeout 150 python3 benchmarks/bench_decode.py --device cuda --preset 100m --contexts 1024 65536 \
