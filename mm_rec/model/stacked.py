@@ -57,9 +57,22 @@ def _stacked_linears(blocks: list[MMRecBlock]) -> dict:
     return out
 
 
+def _single_linears(block: MMRecBlock) -> dict:
+    """One expert (E = 1): each Linear's own (weight [out, in], bias) -- nothing to stack, and no
+    cat/split pair in forward and backward (eager steps are bound by the host's per-op cost)."""
+    out = {}
+    for name in LINEARS:
+        m = block.get_submodule(name)
+        out[name] = (m.weight, m.bias)
+    return out
+
+
 def _linear(x: torch.Tensor, weight_bias: tuple) -> torch.Tensor:
-    """x [E, N, in] @ each expert's Linear -> [E, N, out] in one batched matmul."""
+    """x [E, N, in] @ each expert's Linear -> [E, N, out]: one batched matmul over stacked weights
+    [E, in, out], or F.linear with one expert's own weight [out, in]."""
     weight, bias = weight_bias
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
     return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
 
 
@@ -74,20 +87,28 @@ class _GeluLinear(torch.autograd.Function):
         a = F.gelu(h)
         ctx.save_for_backward(h, weight)
         ctx.has_bias = bias is not None
-        return torch.bmm(a, weight) if bias is None else torch.baddbmm(bias, a, weight)
+        return _linear(a, (weight, bias))
 
     @staticmethod
     def backward(ctx, dy):
         h, weight = ctx.saved_tensors
         dy = dy.to(h.dtype)
-        d_weight = torch.bmm(F.gelu(h).transpose(1, 2), dy)
-        d_h = torch.ops.aten.gelu_backward(torch.bmm(dy, weight.transpose(1, 2)), h)
-        d_bias = dy.sum(1, keepdim=True) if ctx.has_bias else None
+        a = F.gelu(h)
+        if weight.dim() == 2:  # one expert, nn.Linear layout [out, in]; h, dy: [1, N, .]
+            d_weight = dy[0].t() @ a[0]
+            d_h = torch.ops.aten.gelu_backward(dy @ weight, h)
+            d_bias = dy.sum((0, 1)) if ctx.has_bias else None
+        else:                  # stacked [E, in, out]
+            d_weight = torch.bmm(a.transpose(1, 2), dy)
+            d_h = torch.ops.aten.gelu_backward(torch.bmm(dy, weight.transpose(1, 2)), h)
+            d_bias = dy.sum(1, keepdim=True) if ctx.has_bias else None
         return d_h, d_weight, d_bias
 
 
 def _rms_norm(x: torch.Tensor, norms: list, eps: float) -> torch.Tensor:
     """Per-expert RMSNorm of x [E, N, d]."""
+    if len(norms) == 1:
+        return F.rms_norm(x, (x.shape[-1],), eps=eps) * norms[0].weight
     weight = torch.stack([n.weight for n in norms]).unsqueeze(1)       # [E, 1, d]
     return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight
 
@@ -100,7 +121,7 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
     cfg, H, Dh = first.config, first.num_heads, first.head_dim
     eps = cfg.norm_eps
     get = lambda name: [getattr(b, name) for b in blocks]
-    W = _stacked_linears(blocks)
+    W = _stacked_linears(blocks) if E > 1 else _single_linears(first)
 
     x2 = x.reshape(E, B * T, d)
     u = _rms_norm(x2, get("norm"), eps)
@@ -131,8 +152,8 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
 
     h = h.reshape(E, B * T, d).to(u.dtype)
     o = o.reshape(E, B * T, H, Dh).to(u.dtype)
-    o_normed = F.rms_norm(o, (Dh,), eps=eps).reshape(E, B * T, d) * torch.stack(
-        [b.o_norm.weight for b in blocks]).unsqueeze(1)
+    o_weight = first.o_norm.weight if E == 1 else torch.stack([b.o_norm.weight for b in blocks]).unsqueeze(1)
+    o_normed = F.rms_norm(o, (Dh,), eps=eps).reshape(E, B * T, d) * o_weight
     mixed = torch.cat([_rms_norm(h, get("h_norm"), eps), o_normed * F.silu(_linear(u, W["out_gate"]))], -1)
     p, training = cfg.dropout, first.training
     x2 = x2 + F.dropout(_linear(mixed, W["out_proj"]), p, training)
