@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh tests bench        # GPU tests, training-step benchmark
 #   bash benchmarks/gpu_session.sh decode train ddp   # decode latency, real runs, 2-GPU DDP
 #   bash benchmarks/gpu_session.sh train_compiled     # the real run with --compile_mode reduce-overhead
+# A call returns at most 8 files from $OUT: PACK_LOGS=NAME.tgz packs the logs into one at the end.
 set -u
 # SITE: where the wheels go (WHEELS: which; default fla-core only, the flash-linear-attention wheel
 # adds fla.models for bench_train's fla-gla variant). Installed once: concurrent sessions on the
@@ -21,14 +22,24 @@ git rev-parse HEAD 2>/dev/null | tee "$OUT/commit.txt"
 DATA=${DATA:-.gpu_data/default32k}
 RUNS=${RUNS:-/tmp/runs}
 STEPS=${STEPS:-60}          # optimizer steps per stage in the training phases
+                            # (SCALING_STEPS: for the ddp phase's throughput run, default STEPS)
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 PHASES="$*"
 
 if has tests; then
-  timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/test_gpu_ops.py -q -s -p no:cacheprovider --durations=0 \
-      > "$OUT/gpu_tests.log" 2>&1
-  echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
-  grep -E "^(short|long)" "$OUT/gpu_tests.log" | sort -k3 -g | tail -3
+  # Most of the time is Triton compiling fla's kernels for each (T, state, dtype) case on a bare
+  # machine: with two GPUs visible the long-term half runs on the second one at the same time.
+  gpu_tests() {  # gpu_tests NAME DEVICE -k EXPR
+    CUDA_VISIBLE_DEVICES=$2 timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/test_gpu_ops.py -q -s \
+        -p no:cacheprovider --durations=0 "${@:3}" > "$OUT/$1.log" 2>&1
+    echo "$1 rc=$?"; tail -2 "$OUT/$1.log"
+  }
+  if [[ -z ${CUDA_VISIBLE_DEVICES:-} && $(nvidia-smi -L | wc -l) -ge 2 ]]; then
+    gpu_tests gpu_tests_long 1 -k long_term & gpu_tests gpu_tests_rest 0 -k "not long_term"; wait
+  else
+    gpu_tests gpu_tests ${CUDA_VISIBLE_DEVICES:-0}
+  fi
+  grep -hE "^(short|long)" "$OUT"/gpu_tests*.log | sort -k3 -g | tail -3
 fi
 if has bench; then  # BENCH_NAME names the files, for several bench runs in one call
   name=${BENCH_NAME:-bench}
@@ -43,7 +54,7 @@ if has decode; then
   echo "decode rc=$?"; tail -8 "$OUT/decode.log"
 fi
 train() {  # train NAME NPROC BATCHES(stage1,2,3) [extra args]: the three stages, STEPS each
-  local name=$1 nproc=$2 b=(${3//,/ }); shift 3
+  local name=$1 nproc=$2 b=(${3//,/ }) STEPS=${RUN_STEPS:-$STEPS}; shift 3
   local launch="python3 -m mm_rec.scripts.train_modular"
   [[ $nproc -gt 1 ]] && launch="torchrun --standalone --nproc_per_node=$nproc -m mm_rec.scripts.train_modular"
   for i in 1 2 3; do
@@ -64,7 +75,7 @@ if has train_compiled; then  # the same single-GPU run with the compiled (CUDA-g
 fi
 if has ddp; then
   train ddp2_same_global 2 2,1,2       # the same global batch as "single": losses must agree
-  train ddp2 2 4,2,4                   # the guide's batch per GPU: scaling
+  RUN_STEPS=${SCALING_STEPS:-$STEPS} train ddp2 2 4,2,4   # the guide's batch per GPU: scaling
   # a 2-GPU mid-stage checkpoint resumed on 1 GPU (same global batch): must continue like "single"
   python3 -m mm_rec.scripts.train_modular --stage stage1 --data_dir $DATA --checkpoint_dir $RUNS/resume1 \
       --batch_size 4 --max_steps $STEPS --checkpoint_interval $STEPS --eval_interval 0 --eval_batches 4 \
@@ -72,5 +83,9 @@ if has ddp; then
       || { echo "resume failed"; tail -5 "$OUT/train_resume1.log"; }
   python3 benchmarks/compare_runs.py $RUNS/single $RUNS/ddp2_same_global $RUNS/resume1 $RUNS/ddp2 \
       --json "$OUT/train_ddp.json"
+fi
+# A call brings back at most 8 files from $OUT: the logs travel as one archive.
+if [[ -n ${PACK_LOGS:-} ]]; then
+  (cd "$OUT" && logs=$(ls *.log 2>/dev/null) && [[ -n $logs ]] && tar czf "$PACK_LOGS" $logs && rm -f $logs)
 fi
 ls "$OUT"
