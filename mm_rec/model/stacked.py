@@ -105,6 +105,43 @@ class _GeluLinear(torch.autograd.Function):
         return d_h, d_weight, d_bias
 
 
+def _gate_math(a, c, g, z, la, tau):
+    """The gates' elementwise part (MMRecBlock._gates), in fp32 at least: log gamma = logsigmoid(a)
+    + logsigmoid(c) (MDI), the gated input sigmoid(g) * z, log alpha = logsigmoid(la) / tau."""
+    log_gamma = F.logsigmoid(at_least_fp32(a)) + F.logsigmoid(at_least_fp32(c))
+    x_in = torch.sigmoid(at_least_fp32(g)) * at_least_fp32(z)
+    return log_gamma, x_in, F.logsigmoid(at_least_fp32(la)) / tau
+
+
+class _GateMath(torch.autograd.Function):
+    """_gate_math keeping only its inputs for backward (their own dtype: bf16 under autocast) and
+    recomputing the sigmoids there, instead of autograd keeping every fp32 intermediate. Cheaper on
+    the host than checkpointing the gates (the eager GPU step is bound by the host's per-op cost):
+    nothing runs twice but a few elementwise ops. d logsigmoid(t)/dt = sigmoid(-t)."""
+
+    @staticmethod
+    def forward(ctx, a, c, g, z, la, tau):
+        ctx.save_for_backward(a, c, g, z, la)
+        ctx.tau = tau
+        return _gate_math(a, c, g, z, la, tau)
+
+    @staticmethod
+    def backward(ctx, d_log_gamma, d_x_in, d_log_alpha):
+        a, c, g, z, la = ctx.saved_tensors
+        f = at_least_fp32
+        da = dc = dg = dz = dla = None
+        if d_log_gamma is not None:
+            da = (d_log_gamma * torch.sigmoid(-f(a))).to(a.dtype)
+            dc = (d_log_gamma * torch.sigmoid(-f(c))).to(c.dtype)
+        if d_x_in is not None:
+            s = torch.sigmoid(f(g))
+            dz = (d_x_in * s).to(z.dtype)
+            dg = (d_x_in * f(z) * s * (1 - s)).to(g.dtype)
+        if d_log_alpha is not None:
+            dla = (d_log_alpha * torch.sigmoid(-f(la)) / ctx.tau).to(la.dtype)
+        return da, dc, dg, dz, dla, None
+
+
 def _rms_norm(x: torch.Tensor, norms: list, eps: float) -> torch.Tensor:
     """Per-expert RMSNorm of x [E, N, d]."""
     if len(norms) == 1:
@@ -127,20 +164,14 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
     u = _rms_norm(x2, get("norm"), eps)
     q, k, v, z, g = _linear(u, W["in_proj"]).chunk(5, dim=-1)
 
-    def gates(u, k, z, g):
-        a = _linear(F.gelu(_linear(z, W["mdi.base_in"])), W["mdi.base_out"])
-        c = _linear(F.gelu(_linear(k, W["mdi.context_in"])), W["mdi.context_out"])
-        log_gamma = F.logsigmoid(at_least_fp32(a)) + F.logsigmoid(at_least_fp32(c))
-        x_in = torch.sigmoid(at_least_fp32(g)) * at_least_fp32(z)
-        log_alpha = F.logsigmoid(at_least_fp32(_linear(_linear(u, W["alpha_down"]), W["alpha_up"])))
-        return log_gamma, x_in, log_alpha / cfg.alpha_temperature
-
-    # The gates' fp32 intermediates are a fifth of a layer's saved activations and cheap to redo:
-    # recompute them in backward (only their inputs, which the step keeps anyway, are saved).
-    if torch.is_grad_enabled() and first.recompute_gates:
-        log_gamma, x_in, log_alpha = checkpoint(gates, u, k, z, g, use_reentrant=False)
-    else:
-        log_gamma, x_in, log_alpha = gates(u, k, z, g)
+    # The gates. Their elementwise part in fp32 would keep ~8.5 KB per token, layer and expert of
+    # fp32 intermediates for backward: with recompute_gates it runs as _GateMath, which keeps only
+    # its (bf16) inputs and recomputes the sigmoids in backward.
+    a = _linear(F.gelu(_linear(z, W["mdi.base_in"])), W["mdi.base_out"])
+    c = _linear(F.gelu(_linear(k, W["mdi.context_in"])), W["mdi.context_out"])
+    la = _linear(_linear(u, W["alpha_down"]), W["alpha_up"])
+    gate_math = _GateMath.apply if torch.is_grad_enabled() and first.recompute_gates else _gate_math
+    log_gamma, x_in, log_alpha = gate_math(a, c, g, z, la, cfg.alpha_temperature)
 
     # Both recurrences over E * B sequences in one call each.
     h0 = None if states is None else torch.cat([s["h"] for s in states])
