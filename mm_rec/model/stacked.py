@@ -142,12 +142,15 @@ class _GateMath(torch.autograd.Function):
         return da, dc, dg, dz, dla, None
 
 
+def _per_expert(weights: list) -> torch.Tensor:
+    """Per-expert norm weights [d] as one tensor broadcasting over x [E, N, d]: [E, 1, d] (one
+    expert: its own weight, no stack)."""
+    return weights[0] if len(weights) == 1 else torch.stack(weights).unsqueeze(1)
+
+
 def _rms_norm(x: torch.Tensor, norms: list, eps: float) -> torch.Tensor:
     """Per-expert RMSNorm of x [E, N, d]."""
-    if len(norms) == 1:
-        return F.rms_norm(x, (x.shape[-1],), eps=eps) * norms[0].weight
-    weight = torch.stack([n.weight for n in norms]).unsqueeze(1)       # [E, 1, d]
-    return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight
+    return F.rms_norm(x, (x.shape[-1],), eps=eps) * _per_expert([n.weight for n in norms])
 
 
 def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: list | None):
@@ -183,8 +186,7 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
 
     h = h.reshape(E, B * T, d).to(u.dtype)
     o = o.reshape(E, B * T, H, Dh).to(u.dtype)
-    o_weight = first.o_norm.weight if E == 1 else torch.stack([b.o_norm.weight for b in blocks]).unsqueeze(1)
-    o_normed = F.rms_norm(o, (Dh,), eps=eps).reshape(E, B * T, d) * o_weight
+    o_normed = F.rms_norm(o, (Dh,), eps=eps).reshape(E, B * T, d) * _per_expert([b.o_norm.weight for b in blocks])
     mixed = torch.cat([_rms_norm(h, get("h_norm"), eps), o_normed * F.silu(_linear(u, W["out_gate"]))], -1)
     p, training = cfg.dropout, first.training
     x2 = x2 + F.dropout(_linear(mixed, W["out_proj"]), p, training)
