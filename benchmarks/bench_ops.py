@@ -1,0 +1,188 @@
+"""GPU time of the two recurrences alone, forward and forward+backward, at the 100M model's shapes.
+
+One layer's long-term memory (H=8 heads of d_h=32, q/k/v bf16, log-decays fp32) and short-term
+memory (d=256 channels, fp32), as the training step calls them, for each implementation named in
+--variants, interleaved, medians of CUDA-event timings. Prints a table, writes JSON, and with
+--profile SHAPE a per-kernel table of one forward+backward of each variant.
+
+    python benchmarks/bench_ops.py --shapes 4x512,2x8192,4x4096,8x8192 --out ops.json --profile 2x8192
+
+Variants (long-term): `gla` is the op the model runs (mm_rec.ops.gpu.recurrences.long_term_gpu);
+`fla-chunk_gla` is fla-core's own chunk_gla entry point (what a straightforward version calls).
+Short-term: `scan` is ours (diag_scan.py); `fla-hgrn` is fla-core's chunk_hgrn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LONG = ("gla", "gla-keep-h", "fla-chunk_gla")
+SHORT = ("scan", "fla-hgrn")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="4x512,2x8192,4x4096,8x8192", help="comma-separated BxT")
+    p.add_argument("--variants", default="gla,gla-keep-h,fla-chunk_gla,scan", help=f"from {LONG + SHORT}")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--profile", default=None, help="BxT to print a per-kernel profile at")
+    p.add_argument("--out", default="bench_ops.json")
+    return p.parse_args(argv)
+
+
+def make_inputs(B, T, H, D, dev, torch):
+    g = torch.Generator(device=dev).manual_seed(0)
+    r = lambda *s, dt=torch.bfloat16: torch.randn(*s, device=dev, generator=g).to(dt).requires_grad_()
+    q, k, v = r(B, T, H, D), r(B, T, H, D), r(B, T, H, D)
+    # log-decays as the model makes them: logsigmoid(.) / 16 (long-term), logsigmoid(.) (short-term)
+    log_alpha = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device=dev, generator=g) + 2) / 16)
+    x = torch.randn(B, T, H * D, device=dev, generator=g).requires_grad_()
+    log_a = torch.nn.functional.logsigmoid(torch.randn(B, T, H * D, device=dev, generator=g) + 3)
+    return dict(q=q, k=k, v=v, log_alpha=log_alpha.requires_grad_(), x=x, log_a=log_a.requires_grad_())
+
+
+def variant_fn(name):
+    from mm_rec.ops.gpu.recurrences import long_term_gpu, short_term_gpu
+    if name == "gla":
+        return lambda t: long_term_gpu(t["q"], t["k"], t["v"], t["log_alpha"])
+    if name == "gla-keep-h":
+        return lambda t: _KeepStates.apply(t["q"], t["k"], t["v"], t["log_alpha"], t["q"].shape[-1] ** -0.5)
+    if name == "fla-chunk_gla":
+        from fla.ops.gla import chunk_gla
+        return lambda t: chunk_gla(t["q"], t["k"], t["v"], t["log_alpha"], output_final_state=True)
+    if name == "scan":
+        return lambda t: short_term_gpu(t["x"], t["log_a"])
+    if name == "fla-hgrn":
+        from fla.ops.hgrn import chunk_hgrn
+        return lambda t: chunk_hgrn(t["x"], t["log_a"], output_final_state=True)
+    raise SystemExit(f"error: unknown variant {name!r}; choose from {', '.join(LONG + SHORT)}")
+
+
+def _keep_states_fn():
+    """Experiment: fla's chunked GLA keeping the per-chunk states (fp32) from forward for backward,
+    instead of recomputing them there (one sequential pass over the chunks fewer)."""
+    import torch
+    from fla.ops.common.chunk_h import chunk_fwd_h
+    from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+
+    class KeepStates(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, g, scale):
+            gc = chunk_local_cumsum(g, 64, scale=RCP_LN2)
+            h, ht = chunk_fwd_h(k=k, v=v, gk=gc, h0=None, output_final_state=True, chunk_size=64,
+                                states_in_fp32=True)
+            A = chunk_gla_fwd_intra_gk(q=q, k=k, g=gc, scale=scale, chunk_size=64)
+            o = chunk_gla_fwd_o_gk(q=q, v=v, g=gc, A=A, h=h, scale=scale, chunk_size=64)
+            ctx.save_for_backward(q, k, v, gc, A, h)
+            ctx.scale = scale
+            return o, ht
+
+        @staticmethod
+        def backward(ctx, do, dht):
+            q, k, v, gc, A, h = ctx.saved_tensors
+            dq, dk, dv, dg, _ = chunk_gla_bwd(q=q, k=k, v=v, g=None, g_cumsum=gc, scale=ctx.scale,
+                                              initial_state=None, h=h, A=A, do=do.contiguous(), dht=dht,
+                                              chunk_size=64)
+            return dq.to(q), dk.to(k), dv.to(v), dg, None
+    return KeepStates
+
+
+class _Lazy:
+    def apply(self, *a):
+        global _KeepStates
+        _KeepStates = _keep_states_fn()
+        return _KeepStates.apply(*a)
+
+
+_KeepStates = _Lazy()
+
+
+def run_once(fn, t, backward, torch):
+    out, _ = fn(t)
+    if backward:
+        out.float().sum().backward()
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("error: bench_ops.py needs a CUDA GPU (the recurrences' kernels are Triton)", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    fns = {v: variant_fn(v) for v in variants}
+    H, D = args.heads, args.head_dim
+    results = []
+    for shape in args.shapes.split(","):
+        B, T = (int(s) for s in shape.lower().split("x"))
+        t = make_inputs(B, T, H, D, dev, torch)
+        times = {(v, bw): [] for v in variants for bw in (False, True)}
+        for v in variants:  # warm-up: Triton compiles here
+            for bw in (False, True):
+                run_once(fns[v], t, bw, torch)
+        torch.cuda.synchronize()
+        for _ in range(args.repeats):
+            for v in variants:
+                for bw in (False, True):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    run_once(fns[v], t, bw, torch)
+                    e.record()
+                    torch.cuda.synchronize()
+                    times[(v, bw)].append(s.elapsed_time(e))
+        from torch.profiler import ProfilerActivity, profile
+        for v in variants:
+            fwd, both = statistics.median(times[(v, False)]), statistics.median(times[(v, True)])
+            with profile(activities=[ProfilerActivity.CUDA]) as p:  # GPU time without launch gaps
+                for _ in range(5):
+                    run_once(fns[v], t, True, torch)
+                torch.cuda.synchronize()
+            ev = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.self_device_time_total for e in ev) / 5e3
+            kernels = sum(e.count for e in ev) / 5
+            # the loss's own kernels (sum, cast, grad fill) are in busy too: a few microseconds
+            results.append(dict(shape=shape, batch=B, seq_len=T, variant=v, fwd_ms=fwd, fwd_bwd_ms=both,
+                                bwd_ms=both - fwd, gpu_busy_fwd_bwd_ms=busy, kernels_fwd_bwd=kernels))
+            print(f"{shape:8s} {v:14s} fwd {fwd:7.3f} ms  fwd+bwd {both:7.3f} ms  "
+                  f"GPU busy fwd+bwd {busy:7.3f} ms in {kernels:.0f} kernels", flush=True)
+        if "gla" in fns and "gla-keep-h" in fns:  # the experiment must compute the same thing
+            outs = {}
+            for v in ("gla", "gla-keep-h"):
+                for x in t.values():
+                    x.grad = None
+                o = run_once(fns[v], t, True, torch)
+                outs[v] = [o.float()] + [t[n].grad.float() for n in ("q", "k", "v", "log_alpha")]
+            rel = [((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(outs["gla-keep-h"], outs["gla"])]
+            print(f"{shape:8s} gla-keep-h vs gla, relative error of o, dq, dk, dv, dg: "
+                  + ", ".join(f"{r:.1e}" for r in rel))
+        if args.profile == shape:
+            for v in variants:
+                with profile(activities=[ProfilerActivity.CUDA]) as p:
+                    run_once(fns[v], t, True, torch)
+                    torch.cuda.synchronize()
+                print(f"\nprofile {shape} {v} (forward + backward):")
+                print(p.key_averages().table(sort_by="self_device_time_total", row_limit=20,
+                                             max_name_column_width=60))
+        del t
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "heads": H, "head_dim": D,
+            "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M")}
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
