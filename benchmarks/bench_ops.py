@@ -23,18 +23,21 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LONG = ("gla", "gla-keep-h", "fla-chunk_gla")
+LONG = ("gla", "fla-chunk_gla")
 SHORT = ("scan", "fla-hgrn")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4x512,2x8192,4x4096,8x8192", help="comma-separated BxT")
-    p.add_argument("--variants", default="gla,gla-keep-h,fla-chunk_gla,scan", help=f"from {LONG + SHORT}")
+    p.add_argument("--variants", default="gla,fla-chunk_gla,scan", help=f"from {LONG + SHORT}")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--profile", default=None, help="BxT to print a per-kernel profile at")
+    p.add_argument("--check", default="2x8192",
+                   help="BxT at which each variant's output and gradients are compared with the PyTorch "
+                        "chunked form in fp32 (from the same bf16 inputs); '' to skip")
     p.add_argument("--out", default="bench_ops.json")
     return p.parse_args(argv)
 
@@ -54,8 +57,6 @@ def variant_fn(name):
     from mm_rec.ops.gpu.recurrences import long_term_gpu, short_term_gpu
     if name == "gla":
         return lambda t: long_term_gpu(t["q"], t["k"], t["v"], t["log_alpha"])
-    if name == "gla-keep-h":
-        return lambda t: _KeepStates.apply(t["q"], t["k"], t["v"], t["log_alpha"], t["q"].shape[-1] ** -0.5)
     if name == "fla-chunk_gla":
         from fla.ops.gla import chunk_gla
         return lambda t: chunk_gla(t["q"], t["k"], t["v"], t["log_alpha"], output_final_state=True)
@@ -67,52 +68,38 @@ def variant_fn(name):
     raise SystemExit(f"error: unknown variant {name!r}; choose from {', '.join(LONG + SHORT)}")
 
 
-def _keep_states_fn():
-    """Experiment: fla's chunked GLA keeping the per-chunk states (fp32) from forward for backward,
-    instead of recomputing them there (one sequential pass over the chunks fewer)."""
-    import torch
-    from fla.ops.common.chunk_h import chunk_fwd_h
-    from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk
-    from fla.ops.utils.constant import RCP_LN2
-    from fla.ops.utils.cumsum import chunk_local_cumsum
-
-    class KeepStates(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, g, scale):
-            gc = chunk_local_cumsum(g, 64, scale=RCP_LN2)
-            h, ht = chunk_fwd_h(k=k, v=v, gk=gc, h0=None, output_final_state=True, chunk_size=64,
-                                states_in_fp32=True)
-            A = chunk_gla_fwd_intra_gk(q=q, k=k, g=gc, scale=scale, chunk_size=64)
-            o = chunk_gla_fwd_o_gk(q=q, v=v, g=gc, A=A, h=h, scale=scale, chunk_size=64)
-            ctx.save_for_backward(q, k, v, gc, A, h)
-            ctx.scale = scale
-            return o, ht
-
-        @staticmethod
-        def backward(ctx, do, dht):
-            q, k, v, gc, A, h = ctx.saved_tensors
-            dq, dk, dv, dg, _ = chunk_gla_bwd(q=q, k=k, v=v, g=None, g_cumsum=gc, scale=ctx.scale,
-                                              initial_state=None, h=h, A=A, do=do.contiguous(), dht=dht,
-                                              chunk_size=64)
-            return dq.to(q), dk.to(k), dv.to(v), dg, None
-    return KeepStates
-
-
-class _Lazy:
-    def apply(self, *a):
-        global _KeepStates
-        _KeepStates = _keep_states_fn()
-        return _KeepStates.apply(*a)
-
-
-_KeepStates = _Lazy()
-
-
 def run_once(fn, t, backward, torch):
     out, _ = fn(t)
     if backward:
         out.float().sum().backward()
     return out
+
+
+def check_against_reference(shape, fns, t, results, torch):
+    """Relative error (norm of the difference / norm of the reference) of o and of the gradients of
+    q, k, v, log-decay: each long-term variant against mm_rec's PyTorch chunked form in fp32."""
+    from mm_rec.ops import long_term_memory
+    names = ("q", "k", "v", "log_alpha")
+
+    def grads_of(fn, inputs):
+        for x in inputs.values():
+            x.grad = None
+        o = run_once(fn, inputs, True, torch)
+        return [o.float()] + [inputs[n].grad.float() for n in names]
+
+    ref_in = {n: t[n].detach().float().requires_grad_() for n in names}
+    ref = grads_of(lambda u: long_term_memory(u["q"], u["k"], u["v"], u["log_alpha"], allow_kernels=False),
+                   ref_in)
+    for v, fn in fns.items():
+        if v not in LONG:
+            continue
+        got = grads_of(fn, t)
+        rel = [((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, ref)]
+        print(f"{shape:8s} {v:14s} relative error vs fp32 PyTorch reference, o dq dk dv dg: "
+              + " ".join(f"{r:.1e}" for r in rel), flush=True)
+        for r in results:
+            if r["shape"] == shape and r["variant"] == v:
+                r["rel_error_vs_reference"] = dict(zip(("o", "dq", "dk", "dv", "dg"), rel))
 
 
 def main(argv=None):
@@ -158,16 +145,8 @@ def main(argv=None):
                                 bwd_ms=both - fwd, gpu_busy_fwd_bwd_ms=busy, kernels_fwd_bwd=kernels))
             print(f"{shape:8s} {v:14s} fwd {fwd:7.3f} ms  fwd+bwd {both:7.3f} ms  "
                   f"GPU busy fwd+bwd {busy:7.3f} ms in {kernels:.0f} kernels", flush=True)
-        if "gla" in fns and "gla-keep-h" in fns:  # the experiment must compute the same thing
-            outs = {}
-            for v in ("gla", "gla-keep-h"):
-                for x in t.values():
-                    x.grad = None
-                o = run_once(fns[v], t, True, torch)
-                outs[v] = [o.float()] + [t[n].grad.float() for n in ("q", "k", "v", "log_alpha")]
-            rel = [((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(outs["gla-keep-h"], outs["gla"])]
-            print(f"{shape:8s} gla-keep-h vs gla, relative error of o, dq, dk, dv, dg: "
-                  + ", ".join(f"{r:.1e}" for r in rel))
+        if args.check == shape:
+            check_against_reference(shape, fns, t, results, torch)
         if args.profile == shape:
             for v in variants:
                 with profile(activities=[ProfilerActivity.CUDA]) as p:

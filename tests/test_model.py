@@ -302,3 +302,45 @@ def test_bad_arguments_raise():
         model(ids(T=5)[0])
     with pytest.raises(ValueError, match="divisible"):
         MMRecConfig(expert_dim=30, num_heads=4)
+
+
+@pytest.mark.parametrize("expert_type", [None, "text"])
+def test_compiled_loss_matches_eager(expert_type):
+    """torch.compile of the loss gives eager's loss and gradients (float64), with one expert (its
+    layers one reused compile region) and with both."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = tiny_model(num_layers=3)
+    x = ids(B=2, T=40)
+    loss = torch.compile(model.loss)(x[:, :-1], x[:, 1:], expert_type=expert_type)
+    loss.backward()
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    eager_loss = model.loss(x[:, :-1], x[:, 1:], expert_type=expert_type)
+    eager_loss.backward()
+    assert torch.allclose(loss, eager_loss, rtol=1e-10, atol=0)
+    eager_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 20
+    for n, g in eager_grads.items():
+        assert torch.allclose(compiled_grads[n], g, rtol=1e-8, atol=1e-12), n
+    torch._dynamo.reset()
+
+
+def test_compiled_one_expert_traces_one_layer_for_all_layers():
+    """With one expert, the layers are one nested compile region: the ops torch.compile captures do
+    not grow with depth (two more layers add only their calls of the region)."""
+    import torch._dynamo
+
+    captured = {}
+    for expert_type in ("code", None):  # None: both experts, traced layer by layer (the contrast)
+        for layers in (1, 3):
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            model = tiny_model(num_layers=layers)
+            x = ids(B=2, T=40)
+            torch.compile(model.loss)(x[:, :-1], x[:, 1:], expert_type=expert_type).backward()
+            captured[expert_type, layers] = torch._dynamo.utils.counters["stats"]["calls_captured"]
+    assert captured["code", 3] - captured["code", 1] < 20, captured
+    assert captured[None, 3] - captured[None, 1] > 100, captured
+    torch._dynamo.reset()

@@ -28,21 +28,31 @@ LINEARS = ("in_proj", "mdi.base_in", "mdi.base_out", "mdi.context_in", "mdi.cont
            "alpha_up", "out_gate", "out_proj", "ffn_in", "ffn_out")
 
 
-def _stacked_linears(blocks: list[MMRecBlock]) -> dict:
-    """Each Linear of the E blocks as (weight [E, in, out], bias [E, 1, out] or None).
+def _linear_params(blocks: list[MMRecBlock]) -> dict:
+    """Each Linear of the E blocks: name -> ([E weights], [E biases] or None), the parameters
+    themselves (a compile region's inputs must be tensors that do not alias each other)."""
+    out = {}
+    for name in LINEARS:
+        mods = [b.get_submodule(name) for b in blocks]
+        out[name] = ([m.weight for m in mods], None if mods[0].bias is None else [m.bias for m in mods])
+    return out
+
+
+def _stacked_linears(params: dict) -> dict:
+    """Each Linear of the E experts as (weight [E, in, out], bias [E, 1, out] or None).
 
     Built with one cat of every weight and bias of the layer (and, under autocast, one cast of the
     result): two kernels per layer instead of a stack and a cast per Linear. split() hands out the
     pieces, so backward is one cat of their gradients, not a zero-filled copy per piece."""
-    E = len(blocks)
     parts, layout = [], []
     for name in LINEARS:
-        mods = [b.get_submodule(name) for b in blocks]
-        parts += [m.weight.reshape(-1) for m in mods]
-        layout.append((name, "weight", mods[0].weight.shape))
-        if mods[0].bias is not None:
-            parts += [m.bias for m in mods]
-            layout.append((name, "bias", mods[0].bias.shape))
+        weights, biases = params[name]
+        E = len(weights)
+        parts += [w.reshape(-1) for w in weights]
+        layout.append((name, "weight", weights[0].shape))
+        if biases is not None:
+            parts += biases
+            layout.append((name, "bias", biases[0].shape))
     flat = torch.cat(parts)
     device = flat.device.type
     if flat.dtype == torch.float32 and torch.is_autocast_enabled(device):
@@ -57,14 +67,10 @@ def _stacked_linears(blocks: list[MMRecBlock]) -> dict:
     return out
 
 
-def _single_linears(block: MMRecBlock) -> dict:
+def _single_linears(params: dict) -> dict:
     """One expert (E = 1): each Linear's own (weight [out, in], bias) -- nothing to stack, and no
     cat/split pair in forward and backward (eager steps are bound by the host's per-op cost)."""
-    out = {}
-    for name in LINEARS:
-        m = block.get_submodule(name)
-        out[name] = (m.weight, m.bias)
-    return out
+    return {name: (weights[0], None if biases is None else biases[0]) for name, (weights, biases) in params.items()}
 
 
 def _linear(x: torch.Tensor, weight_bias: tuple) -> torch.Tensor:
@@ -148,23 +154,38 @@ def _per_expert(weights: list) -> torch.Tensor:
     return weights[0] if len(weights) == 1 else torch.stack(weights).unsqueeze(1)
 
 
-def _rms_norm(x: torch.Tensor, norms: list, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, weights: list, eps: float) -> torch.Tensor:
     """Per-expert RMSNorm of x [E, N, d]."""
-    return F.rms_norm(x, (x.shape[-1],), eps=eps) * _per_expert([n.weight for n in norms])
+    return F.rms_norm(x, (x.shape[-1],), eps=eps) * _per_expert(weights)
 
 
 def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: list | None):
     """Layer l of E experts at once. x: [E, B, T, d]; states: per expert {"h", "M"} or None.
     Returns (y [E, B, T, d], per-expert new states) -- MMRecBlock.forward for each expert."""
-    E, B, T, d = x.shape
+    E = x.shape[0]
     first = blocks[0]
-    cfg, H, Dh = first.config, first.num_heads, first.head_dim
-    eps = cfg.norm_eps
-    get = lambda name: [getattr(b, name) for b in blocks]
-    W = _stacked_linears(blocks) if E > 1 else _single_linears(first)
+    cfg = first.config
+    norms = {name: [getattr(b, name).weight for b in blocks] for name in ("norm", "h_norm", "o_norm", "ffn_norm")}
+    h0 = None if states is None else torch.cat([s["h"] for s in states])
+    M0 = None if states is None else torch.cat([s["M"] for s in states])
+    settings = (first.num_heads, cfg.norm_eps, cfg.alpha_temperature, cfg.chunk_size, cfg.dropout,
+                first.training, torch.is_grad_enabled() and first.recompute_gates)
+    block = _one_expert_block if E == 1 else _stacked_block
+    y, h_T, M_T = block(_linear_params(blocks), norms, x, h0, M0, settings)
+    return y, [{"h": hs, "M": Ms} for hs, Ms in zip(h_T.chunk(E), M_T.chunk(E))]
+
+
+def _stacked_block(linears: dict, norms: dict, x: torch.Tensor, h0, M0, settings: tuple):
+    """stacked_block_forward's maths as a function of tensors, the parameters included (so one
+    compiled region serves every layer): (y, h_T, M_T), the experts' states concatenated along the
+    batch (no outputs aliasing each other, as a compile region needs)."""
+    H, eps, tau, chunk_size, p, training, recompute_gates = settings
+    E, B, T, d = x.shape
+    Dh = d // H
+    W = _stacked_linears(linears) if E > 1 else _single_linears(linears)
 
     x2 = x.reshape(E, B * T, d)
-    u = _rms_norm(x2, get("norm"), eps)
+    u = _rms_norm(x2, norms["norm"], eps)
     q, k, v, z, g = _linear(u, W["in_proj"]).chunk(5, dim=-1)
 
     # The gates. Their elementwise part in fp32 would keep ~8.5 KB per token, layer and expert of
@@ -173,30 +194,34 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
     a = _linear(F.gelu(_linear(z, W["mdi.base_in"])), W["mdi.base_out"])
     c = _linear(F.gelu(_linear(k, W["mdi.context_in"])), W["mdi.context_out"])
     la = _linear(_linear(u, W["alpha_down"]), W["alpha_up"])
-    gate_math = _GateMath.apply if torch.is_grad_enabled() and first.recompute_gates else _gate_math
-    log_gamma, x_in, log_alpha = gate_math(a, c, g, z, la, cfg.alpha_temperature)
+    gate_math = _GateMath.apply if recompute_gates else _gate_math
+    log_gamma, x_in, log_alpha = gate_math(a, c, g, z, la, tau)
 
     # Both recurrences over E * B sequences in one call each.
-    h0 = None if states is None else torch.cat([s["h"] for s in states])
-    M0 = None if states is None else torch.cat([s["M"] for s in states])
     seqs = lambda t: t.reshape(E * B, T, d)
     heads = lambda t: t.reshape(E * B, T, H, Dh)
-    h, h_T = short_term_memory(seqs(x_in), seqs(log_gamma), h0, chunk_size=cfg.chunk_size)
+    h, h_T = short_term_memory(seqs(x_in), seqs(log_gamma), h0, chunk_size=chunk_size)
     o, M_T = long_term_memory(heads(q), heads(k), heads(v), heads(log_alpha), M0, scale=Dh ** -0.5)
 
     h = h.reshape(E, B * T, d).to(u.dtype)
     o = o.reshape(E, B * T, H, Dh).to(u.dtype)
-    o_normed = F.rms_norm(o, (Dh,), eps=eps).reshape(E, B * T, d) * _per_expert([b.o_norm.weight for b in blocks])
-    mixed = torch.cat([_rms_norm(h, get("h_norm"), eps), o_normed * F.silu(_linear(u, W["out_gate"]))], -1)
-    p, training = cfg.dropout, first.training
+    o_normed = F.rms_norm(o, (Dh,), eps=eps).reshape(E, B * T, d) * _per_expert(norms["o_norm"])
+    mixed = torch.cat([_rms_norm(h, norms["h_norm"], eps), o_normed * F.silu(_linear(u, W["out_gate"]))], -1)
     x2 = x2 + F.dropout(_linear(mixed, W["out_proj"]), p, training)
-    ffn_hidden = _linear(_rms_norm(x2, get("ffn_norm"), eps), W["ffn_in"])
+    ffn_hidden = _linear(_rms_norm(x2, norms["ffn_norm"], eps), W["ffn_in"])
     ffn_weight, ffn_bias = W["ffn_out"]
     ffn = _GeluLinear.apply(ffn_hidden, ffn_weight.to(ffn_hidden.dtype),
                             None if ffn_bias is None else ffn_bias.to(ffn_hidden.dtype))
     x2 = x2 + F.dropout(ffn, p, training)
-    new_states = [{"h": hs, "M": Ms} for hs, Ms in zip(h_T.chunk(E), M_T.chunk(E))]
-    return x2.reshape(E, B, T, d), new_states
+    return x2.reshape(E, B, T, d), h_T, M_T
+
+
+# With one expert (Stage 2, the longest stage), torch.compile traces and compiles one layer once and
+# reuses it for every layer (they differ only in their weights): compile time stops growing with
+# depth (CPU, d=64, 16 layers, both experts: ops traced 3333 -> 117, compile 157 -> 40 s). Not with
+# both experts: there torch 2.13's reuse of the region gives wrong gradients from the third layer on
+# (tests/test_model.py holds both cases to eager). Outside torch.compile it is a plain call.
+_one_expert_block = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(_stacked_block)
 
 
 def stacked_experts_forward(experts: list, x: torch.Tensor, states: list | None,
