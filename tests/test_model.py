@@ -332,6 +332,10 @@ def test_compiled_one_expert_traces_one_layer_for_all_layers():
     not grow with depth (two more layers add only their calls of the region)."""
     import torch._dynamo
 
+    from mm_rec.model import stacked
+    if not stacked._TORCH_2_13:  # CI and the project's floor run 2.13; see stacked.py for why
+        pytest.skip("the nested compile region is used from torch 2.13 on")
+
     captured = {}
     for expert_type in ("code", None):  # None: both experts, traced layer by layer (the contrast)
         for layers in (1, 3):

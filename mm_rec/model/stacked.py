@@ -220,8 +220,10 @@ def _stacked_block(linears: dict, norms: dict, x: torch.Tensor, h0, M0, settings
 # reuses it for every layer (they differ only in their weights): compile time stops growing with
 # depth (CPU, d=64, 16 layers, both experts: ops traced 3333 -> 117, compile 157 -> 40 s). Not with
 # both experts: there torch 2.13's reuse of the region gives wrong gradients from the third layer on
-# (tests/test_model.py holds both cases to eager). Outside torch.compile it is a plain call.
-_one_expert_block = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(_stacked_block)
+# (tests/test_model.py holds both cases to eager), and torch 2.11's Dynamo fails on it (KeyError:
+# example_value), so it is used from torch 2.13 on. Outside torch.compile it is a plain call.
+_TORCH_2_13 = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+_one_expert_block = (torch.compiler.nested_compile_region(_stacked_block) if _TORCH_2_13 else _stacked_block)
 
 
 def stacked_experts_forward(experts: list, x: torch.Tensor, states: list | None,
