@@ -339,3 +339,51 @@ def test_resume_with_another_global_batch_is_noted(data_dir, tmp_path, capsys):
           "--batch_size", "8", "--resume_from", str(tmp_path / "a" / "checkpoint_stage1_step_2.pt"))
     out = capsys.readouterr().out
     assert "changed settings: global batch 4 -> 8 (batch_size 4 x 1 -> 8 x 1 processes)" in out
+
+
+# -- no host sync inside a step ------------------------------------------------------------------
+def test_a_step_is_read_back_after_the_next_step_is_queued(data_dir, tmp_path, monkeypatch):
+    """The loss and gradient norm of step k are read (a host sync) only once step k+1's forward and
+    backward are queued, except where a checkpoint or evaluation needs them at once."""
+    from mm_rec.training.trainer import Trainer
+    events = []
+    train_step, read_back = Trainer._train_step, Trainer._read_back
+    monkeypatch.setattr(Trainer, "_train_step",
+                        lambda self, spec, step, opt: events.append(("run", step)) or train_step(self, spec, step, opt))
+    monkeypatch.setattr(Trainer, "_read_back",
+                        lambda self, spec, rec, *a, **k: events.append(("read", rec.step)) or read_back(self, spec, rec, *a, **k))
+    train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "6", "--checkpoint_interval", "3",
+          "--eval_interval", "0")
+    assert events == [("run", 1), ("run", 2), ("read", 1), ("run", 3), ("read", 2), ("read", 3),  # 3 saves
+                      ("run", 4), ("run", 5), ("read", 4), ("run", 6), ("read", 5), ("read", 6)]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_non_finite_step_changes_nothing_on_the_device(tmp_path):
+    """The fused AdamW step given found_inf = 1 (a NaN loss) leaves weights, moments and step counts
+    as they were; with a finite loss the same call updates them."""
+    from mm_rec.training.optim import build_optimizer
+    from mm_rec.training.trainer import Trainer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    opt = build_optimizer(model, 1e-2, 0.1)
+    assert opt.defaults["fused"]
+    trainer = Trainer.__new__(Trainer)
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def step(loss_scale):
+        loss = model(torch.randn(8, 4)).pow(2).mean() * loss_scale
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        trainer._optimizer_step(opt, loss.detach(), norm, skip_on_device=True)
+        opt.zero_grad(set_to_none=True)
+
+    step(1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
+    step(float("nan"))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    after = {(i, k): v for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
+    assert len(state) == 12 and all(torch.equal(state[k], after[k]) for k in state)
+    step(1.0)
+    assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters()))

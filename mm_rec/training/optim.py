@@ -29,9 +29,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     kwargs = {}
-    on_cuda = next(model.parameters()).is_cuda
-    if on_cuda and "fused" in inspect.signature(torch.optim.AdamW).parameters:
-        kwargs["fused"] = True  # one kernel for the whole update
+    device = next(model.parameters()).device.type
+    if device in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        # One kernel for the whole update, and it can skip a non-finite step on the device
+        # (found_inf), which lets the trainer read a step's loss back one step late.
+        kwargs["fused"] = True
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=BETAS, **kwargs)
 
 

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +44,17 @@ RULE = "=" * 60
 NAN_INJECTION_ENV = "MMREC_INJECT_NAN_AT_STEP"
 GRAD_NORM_WARNING = 10.0
 GRAD_WARNING_EVERY = 50  # steps between two large-gradient warnings
+
+
+@dataclass
+class _StepRecord:
+    """One optimizer step's numbers, still on the device until read back."""
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+    memory: dict | None
+    t0: float
 
 
 class Trainer:
@@ -196,54 +208,103 @@ class Trainer:
             _warn_schedule_change(self, resume, spec)
 
         self.print(f"\nStage: {spec.title}\nDescription: {spec.description}\n{RULE}\n")
-        tokens_per_step = spec.batch_size * spec.seq_len * cfg.grad_accum_steps * self.dist.world_size
         bar = tqdm(total=spec.max_steps, initial=start_step - 1, desc=f"Stage {spec.name}",
                    disable=not self.is_main, dynamic_ncols=True)
         losses: list[float] = []
-        last_loss = float("nan")
+        # A step's loss and gradient norm are read back (a host sync) one step late, once the next
+        # step's forward and backward are queued, so the GPU never waits for the host between
+        # steps. Where the optimizer cannot skip a non-finite update on the device (fp16's
+        # GradScaler, a non-fused AdamW), each step is checked before its update instead.
+        lagged = bool(optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+        pending = None  # the step whose numbers are not read yet
+        self._last_readout = None
         step = start_step
         try:
             while step <= spec.max_steps:
                 t0 = time.perf_counter()
                 loss, grad_norm, lr, memory = self._train_step(spec, step, optimizer)
-                if not (self.hooks["stability_monitor"].check_outputs({"loss": loss, "grad_norm": grad_norm}, step)):
+                record = _StepRecord(step, loss, grad_norm, lr, memory, t0)
+                late = pending
+                pending = None
+                if late is not None and not self._read_back(spec, late, losses, bar):
+                    # This step's gradients came from the weights the bad step left (it was skipped
+                    # on the device): drop them and roll back.
+                    optimizer.zero_grad(set_to_none=True)
+                    step, optimizer, scheduler = self._recover(spec, late.step, late.loss, optimizer, scheduler, bar)
+                    continue
+                if not lagged and not self._check(record):
                     optimizer.zero_grad(set_to_none=True)
                     step, optimizer, scheduler = self._recover(spec, step, loss, optimizer, scheduler, bar)
                     continue
-                self.scaler.step(optimizer)
-                self.scaler.update()
+                self._optimizer_step(optimizer, loss, grad_norm, skip_on_device=lagged)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
-                last_loss = float(loss)
-                losses.append(last_loss)
-                seconds = time.perf_counter() - t0
-                tok_s = tokens_per_step / max(seconds, 1e-9)
-                gn = float(grad_norm)
-                self.log.log_train(spec.name, step, loss=last_loss, lr=lr, grad_norm=gn, tokens_per_s=tok_s,
-                                   step_time_s=seconds, lr_scale=self.lr_scale)
-                if memory:
-                    self.log.log_memory(spec.name, step, memory)
-                if gn > GRAD_NORM_WARNING and step - self._last_grad_warning >= GRAD_WARNING_EVERY:
-                    self._last_grad_warning = step
-                    self.print(f"⚠️ Large gradient norm {gn:.1f} at step {step} (> {GRAD_NORM_WARNING:g}; "
-                               f"clipped to {cfg.gradient_clip_norm:g})")
-                bar.set_postfix({"loss": f"{last_loss:.4f}", "avg_loss": f"{sum(losses) / len(losses):.4f}",
-                                 "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}, refresh=False)
-                bar.update(1)
-
                 last = step == spec.max_steps
-                val = None
-                if last or (spec.eval_interval and step % spec.eval_interval == 0):
-                    val = self._evaluate(spec, step)
-                if last or step % spec.checkpoint_interval == 0:
-                    self._save(spec, step, last_loss, optimizer, scheduler, completed=last, val_losses=val)
+                evaluate = last or (spec.eval_interval and step % spec.eval_interval == 0)
+                save = last or step % spec.checkpoint_interval == 0
+                if lagged and not (evaluate or save):
+                    pending = record
+                    step += 1
+                    continue
+                if not self._read_back(spec, record, losses, bar, checked=not lagged):
+                    step, optimizer, scheduler = self._recover(spec, step, loss, optimizer, scheduler, bar)
+                    continue
+                val = self._evaluate(spec, step) if evaluate else None
+                if save:
+                    self._save(spec, step, float(loss), optimizer, scheduler, completed=last, val_losses=val)
                 step += 1
         finally:  # closed before any error line, so that line is the last one printed
+            if pending is not None:  # interrupted with a step queued: its update happened, log it
+                try:
+                    self._read_back(spec, pending, losses, bar)
+                except Exception:  # the device itself failing: the error on its way out says why
+                    pass
             bar.close()
         if self.is_main:
             self.log.plot_stage(spec.name)
         self.print(f"✅ Stage {spec.name} training completed!")
+
+    def _check(self, record: "_StepRecord") -> bool:
+        """The stability monitor's verdict on a step's loss and gradient norm (reads them back)."""
+        return self.hooks["stability_monitor"].check_outputs(
+            {"loss": record.loss, "grad_norm": record.grad_norm}, record.step)
+
+    def _read_back(self, spec: StageSpec, record: "_StepRecord", losses: list, bar, checked=False) -> bool:
+        """Check (unless already checked) and log a step whose update is queued. False: non-finite."""
+        if not checked and not self._check(record):
+            return False
+        now = time.perf_counter()
+        # Steady-state time per step: between read-backs (the first one: since the step began).
+        seconds = now - (record.t0 if self._last_readout is None else max(record.t0, self._last_readout))
+        self._last_readout = now
+        step, loss, gn = record.step, float(record.loss), float(record.grad_norm)
+        losses.append(loss)
+        cfg = self.cfg
+        tok_s = spec.batch_size * spec.seq_len * cfg.grad_accum_steps * self.dist.world_size / max(seconds, 1e-9)
+        self.log.log_train(spec.name, step, loss=loss, lr=record.lr, grad_norm=gn, tokens_per_s=tok_s,
+                           step_time_s=seconds, lr_scale=self.lr_scale)
+        if record.memory:
+            self.log.log_memory(spec.name, step, record.memory)
+        if gn > GRAD_NORM_WARNING and step - self._last_grad_warning >= GRAD_WARNING_EVERY:
+            self._last_grad_warning = step
+            self.print(f"⚠️ Large gradient norm {gn:.1f} at step {step} (> {GRAD_NORM_WARNING:g}; "
+                       f"clipped to {cfg.gradient_clip_norm:g})")
+        bar.set_postfix({"loss": f"{loss:.4f}", "avg_loss": f"{sum(losses) / len(losses):.4f}",
+                         "lr": f"{record.lr:.2e}", "tok/s": f"{tok_s:,.0f}"}, refresh=False)
+        bar.update(1)
+        return True
+
+    def _optimizer_step(self, optimizer, loss, grad_norm, skip_on_device: bool) -> None:
+        if self.scaler.is_enabled():
+            self.scaler.step(optimizer)  # fp16: skips a step with overflowing gradients itself
+            self.scaler.update()
+            return
+        if skip_on_device:
+            # Fused AdamW leaves parameters, moments and step counts untouched where found_inf is 1
+            # (the protocol GradScaler uses): a non-finite step changes nothing, with no host sync.
+            optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+        optimizer.step()
 
     def _train_step(self, spec: StageSpec, step: int, optimizer):
         """Forward and backward of one optimizer step. Returns (loss averaged over ranks and
