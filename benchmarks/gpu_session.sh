@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh tests bench        # GPU tests, training-step benchmark
 #   bash benchmarks/gpu_session.sh decode train ddp   # decode latency, real runs, 2-GPU DDP
 #   bash benchmarks/gpu_session.sh train_compiled     # the real run with --compile_mode reduce-overhead
+#   bash benchmarks/gpu_session.sh ops sweep          # the recurrences alone; fla launch configs
 # A call returns at most 8 files from $OUT: PACK_LOGS=NAME.tgz packs the logs into one at the end.
 set -u
 # SITE: where the wheels go (WHEELS: which; default fla-core only, the flash-linear-attention wheel
@@ -40,6 +41,14 @@ if has tests; then
     gpu_tests gpu_tests ${CUDA_VISIBLE_DEVICES:-0}
   fi
   grep -hE "^(short|long)" "$OUT"/gpu_tests*.log | sort -k3 -g | tail -3
+fi
+if has ops; then  # the recurrences alone (bench_ops.py), and fla launch-config candidates
+  timeout 300 python3 benchmarks/bench_ops.py --out "$OUT/ops.json" --profile 2x8192 > "$OUT/ops.log" 2>&1
+  echo "ops rc=$?"; grep -E "^[0-9]+x[0-9]+ " "$OUT/ops.log"
+fi
+if has sweep; then
+  timeout 300 python3 benchmarks/sweep_fla_configs.py --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+  echo "sweep rc=$?"; cat "$OUT/sweep.log"
 fi
 if has bench; then  # BENCH_NAME names the files, for several bench runs in one call
   name=${BENCH_NAME:-bench}
