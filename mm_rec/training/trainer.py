@@ -54,7 +54,8 @@ class _StepRecord:
     grad_norm: torch.Tensor
     lr: float
     memory: dict | None
-    t0: float
+    t0: float                    # when the step began (host clock)
+    seconds: float | None = None
 
 
 class Trainer:
@@ -217,7 +218,6 @@ class Trainer:
         # GradScaler, a non-fused AdamW), each step is checked before its update instead.
         lagged = bool(optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
         pending = None  # the step whose numbers are not read yet
-        self._last_readout = None
         step = start_step
         try:
             while step <= spec.max_steps:
@@ -226,6 +226,8 @@ class Trainer:
                 record = _StepRecord(step, loss, grad_norm, lr, memory, t0)
                 late = pending
                 pending = None
+                if late is not None:
+                    late.seconds = t0 - late.t0  # its whole iteration, up to this step's start
                 if late is not None and not self._read_back(spec, late, losses, bar):
                     # This step's gradients came from the weights the bad step left (it was skipped
                     # on the device): drop them and roll back.
@@ -274,10 +276,9 @@ class Trainer:
         """Check (unless already checked) and log a step whose update is queued. False: non-finite."""
         if not checked and not self._check(record):
             return False
-        now = time.perf_counter()
-        # Steady-state time per step: between read-backs (the first one: since the step began).
-        seconds = now - (record.t0 if self._last_readout is None else max(record.t0, self._last_readout))
-        self._last_readout = now
+        # A step read back late was timed from its start to the next step's start; one read back at
+        # once (before a checkpoint or an evaluation, or unlagged) from its start to now.
+        seconds = record.seconds if record.seconds is not None else time.perf_counter() - record.t0
         step, loss, gn = record.step, float(record.loss), float(record.grad_norm)
         losses.append(loss)
         cfg = self.cfg
