@@ -218,7 +218,7 @@ def _stacked_block(linears: dict, norms: dict, x: torch.Tensor, h0, M0, settings
 
 # With one expert (Stage 2, the longest stage), torch.compile traces and compiles one layer once and
 # reuses it for every layer (they differ only in their weights): compile time stops growing with
-# depth (CPU, d=64, 16 layers, both experts: ops traced 3333 -> 117, compile 157 -> 40 s). Not with
+# depth (CPU, d=64, 16 layers: ops traced 2,051 -> 115, compile and first step 167 -> 38 s). Not with
 # both experts: there torch 2.13's reuse of the region gives wrong gradients from the third layer on
 # (tests/test_model.py holds both cases to eager), and torch 2.11's Dynamo fails on it (KeyError:
 # example_value), so it is used from torch 2.13 on. Outside torch.compile it is a plain call.
