@@ -170,7 +170,8 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
     M0 = None if states is None else torch.cat([s["M"] for s in states])
     settings = (first.num_heads, cfg.norm_eps, cfg.alpha_temperature, cfg.chunk_size, cfg.dropout,
                 first.training, torch.is_grad_enabled() and first.recompute_gates)
-    block = _one_expert_block if E == 1 else _stacked_block
+    # (no region where dropout draws random masks: each layer must draw its own)
+    block = _one_expert_block if E == 1 and not (cfg.dropout > 0 and first.training) else _stacked_block
     y, h_T, M_T = block(_linear_params(blocks), norms, x, h0, M0, settings)
     return y, [{"h": hs, "M": Ms} for hs, Ms in zip(h_T.chunk(E), M_T.chunk(E))]
 
