@@ -397,3 +397,21 @@ def test_a_non_finite_step_changes_nothing_on_the_device(tmp_path):
     assert len(state) == 12 and all(torch.equal(state[k], after[k]) for k in state)
     step(1.0)
     assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_fp16_checks_each_step_before_its_update_and_recovers(data_dir, tmp_path, monkeypatch, capsys):
+    """fp16 (GradScaler) keeps the synchronous check: a NaN loss at step 3 is caught before its
+    update, and the run rolls back to step 2's checkpoint and finishes."""
+    from mm_rec.training.trainer import Trainer
+    events = []
+    read_back = Trainer._read_back
+    monkeypatch.setattr(Trainer, "_read_back",
+                        lambda self, spec, rec, *a, **k: events.append(rec.step) or read_back(self, spec, rec, *a, **k))
+    monkeypatch.setenv("MMREC_INJECT_NAN_AT_STEP", "3")
+    train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "4", "--checkpoint_interval", "2",
+          "--eval_interval", "0", "--precision", "fp16")
+    assert "recovered from" in capsys.readouterr().out
+    assert events == [1, 2, 3, 4]  # each step read right after its own update, the NaN one never
+    rows = read_metrics(tmp_path / "metrics.jsonl", type=None)
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if r["type"] == "recovery"] == [3]

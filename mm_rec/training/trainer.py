@@ -361,6 +361,8 @@ class Trainer:
     def _recover(self, spec, step, loss, optimizer, scheduler, bar):
         """Roll back to the newest loadable checkpoint after a non-finite step.
         Returns (the step to run next, optimizer, scheduler)."""
+        if self.scaler.is_enabled():
+            self.scaler.update()  # closes the skipped step's unscale_ (the next step's would raise)
         recovery = self.hooks["recovery"]
         what = "loss" if not math.isfinite(float(loss)) else "gradient norm"
         used_up = recovery.attempts >= recovery.max_attempts
