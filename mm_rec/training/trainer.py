@@ -224,16 +224,16 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss, grad_norm, lr, memory = self._train_step(spec, step, optimizer)
                 record = _StepRecord(step, loss, grad_norm, lr, memory, t0)
-                late = pending
-                pending = None
+                late, pending = pending, None
                 if late is not None:
                     late.seconds = t0 - late.t0  # its whole iteration, up to this step's start
-                if late is not None and not self._read_back(spec, late, losses, bar):
-                    # This step's gradients came from the weights the bad step left (it was skipped
-                    # on the device): drop them and roll back.
-                    optimizer.zero_grad(set_to_none=True)
-                    step, optimizer, scheduler = self._recover(spec, late.step, late.loss, optimizer, scheduler, bar)
-                    continue
+                    if not self._read_back(spec, late, losses, bar):
+                        # This step's gradients came from the weights the bad step left (it was
+                        # skipped on the device): drop them and roll back.
+                        optimizer.zero_grad(set_to_none=True)
+                        step, optimizer, scheduler = self._recover(spec, late.step, late.loss, optimizer,
+                                                                   scheduler, bar)
+                        continue
                 if not lagged and not self._check(record):
                     optimizer.zero_grad(set_to_none=True)
                     step, optimizer, scheduler = self._recover(spec, step, loss, optimizer, scheduler, bar)
