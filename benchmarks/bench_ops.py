@@ -39,7 +39,17 @@ def parse_args(argv=None):
                    help="BxT at which each variant's output and gradients are compared with the PyTorch "
                         "chunked form in fp32 (from the same bf16 inputs); '' to skip")
     p.add_argument("--out", default="bench_ops.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # checked before anything runs: one line and exit 2 for a typo
+        args.shape_list = [tuple(int(n) for n in s.lower().split("x")) for s in args.shapes.split(",")]
+        assert all(len(bt) == 2 and min(bt) > 0 for bt in args.shape_list)
+    except (ValueError, AssertionError):
+        p.error(f"--shapes must be comma-separated BxT with positive B and T, e.g. 2x8192 (got {args.shapes!r})")
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variant_list if v not in LONG + SHORT]
+    if unknown:
+        p.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(LONG + SHORT)}")
+    return args
 
 
 def make_inputs(B, T, H, D, dev, torch):
@@ -65,7 +75,7 @@ def variant_fn(name):
     if name == "fla-hgrn":
         from fla.ops.hgrn import chunk_hgrn
         return lambda t: chunk_hgrn(t["x"], t["log_a"], output_final_state=True)
-    raise SystemExit(f"error: unknown variant {name!r}; choose from {', '.join(LONG + SHORT)}")
+    raise ValueError(name)  # parse_args has checked the names
 
 
 def run_once(fn, t, backward, torch):
@@ -109,12 +119,11 @@ def main(argv=None):
         print("error: bench_ops.py needs a CUDA GPU (the recurrences' kernels are Triton)", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = args.variant_list
     fns = {v: variant_fn(v) for v in variants}
     H, D = args.heads, args.head_dim
     results = []
-    for shape in args.shapes.split(","):
-        B, T = (int(s) for s in shape.lower().split("x"))
+    for shape, (B, T) in zip(args.shapes.split(","), args.shape_list):
         t = make_inputs(B, T, H, D, dev, torch)
         times = {(v, bw): [] for v in variants for bw in (False, True)}
         for v in variants:  # warm-up: Triton compiles here

@@ -47,6 +47,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default="sweep_fla_configs.json")
     args = p.parse_args(argv)
+    unknown = [c for c in args.candidates.split(",") if c not in CANDIDATES]
+    if unknown:
+        p.error(f"unknown candidate {unknown[0]!r}; choose from {', '.join(CANDIDATES)}")
     rows = []
     for name in args.candidates.split(","):
         with tempfile.TemporaryDirectory() as tmp:
