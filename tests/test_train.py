@@ -369,20 +369,22 @@ def test_a_step_is_read_back_after_the_next_step_is_queued(data_dir, tmp_path, m
     assert rates[-1] < 5 * rates[len(rates) // 2] and rates[0] > rates[len(rates) // 2] / 5, rates
 
 
-def test_a_non_finite_step_changes_nothing_on_the_device(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_a_non_finite_step_changes_nothing_on_the_device(device):
     """The fused AdamW step given found_inf = 1 (a NaN loss) leaves weights, moments and step counts
     as they were; with a finite loss the same call updates them."""
     from mm_rec.training.optim import build_optimizer
     from mm_rec.training.trainer import Trainer
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)).to(device)
     opt = build_optimizer(model, 1e-2, 0.1)
     assert opt.defaults["fused"]
     trainer = Trainer.__new__(Trainer)
-    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer.scaler = torch.amp.GradScaler(device, enabled=False)
 
     def step(loss_scale):
-        loss = model(torch.randn(8, 4)).pow(2).mean() * loss_scale
+        loss = model(torch.randn(8, 4, device=device)).pow(2).mean() * loss_scale
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         trainer._optimizer_step(opt, loss.detach(), norm, skip_on_device=True)
