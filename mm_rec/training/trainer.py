@@ -48,7 +48,7 @@ GRAD_WARNING_EVERY = 50  # steps between two large-gradient warnings
 
 @dataclass
 class _StepRecord:
-    """One optimizer step's numbers, still on the device until read back."""
+    """One optimizer step's loss and gradient norm, on their way to the host."""
     step: int
     loss: torch.Tensor
     grad_norm: torch.Tensor
@@ -56,6 +56,26 @@ class _StepRecord:
     memory: dict | None
     t0: float                    # when the step began (host clock)
     seconds: float | None = None
+    _host: torch.Tensor | None = None
+    _ready: "torch.cuda.Event | None" = None
+
+    def __post_init__(self):
+        # Copied to (pinned) host memory as soon as the step's backward is queued, behind an event:
+        # reading them waits for this step only, not for the work queued after it (as .item() would).
+        values = torch.stack([self.loss.detach().float(), self.grad_norm.detach().float()])
+        if values.is_cuda:
+            self._host = values.to("cpu", non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = values
+
+    def values(self) -> tuple[float, float]:
+        """(loss, grad_norm) as floats."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        loss, grad_norm = self._host.tolist()
+        return loss, grad_norm
 
 
 class Trainer:
@@ -231,12 +251,13 @@ class Trainer:
                         # This step's gradients came from the weights the bad step left (it was
                         # skipped on the device): drop them and roll back.
                         optimizer.zero_grad(set_to_none=True)
-                        step, optimizer, scheduler = self._recover(spec, late.step, late.loss, optimizer,
+                        step, optimizer, scheduler = self._recover(spec, late.step, late.values()[0], optimizer,
                                                                    scheduler, bar)
                         continue
                 if not lagged and not self._check(record):
                     optimizer.zero_grad(set_to_none=True)
-                    step, optimizer, scheduler = self._recover(spec, step, loss, optimizer, scheduler, bar)
+                    step, optimizer, scheduler = self._recover(spec, step, record.values()[0], optimizer,
+                                                               scheduler, bar)
                     continue
                 self._optimizer_step(optimizer, loss, grad_norm, skip_on_device=lagged)
                 scheduler.step()
@@ -250,11 +271,12 @@ class Trainer:
                     step += 1
                     continue
                 if not self._read_back(spec, record, losses, bar, checked=not lagged):
-                    step, optimizer, scheduler = self._recover(spec, step, loss, optimizer, scheduler, bar)
+                    step, optimizer, scheduler = self._recover(spec, step, record.values()[0], optimizer,
+                                                               scheduler, bar)
                     continue
                 val = self._evaluate(spec, step) if evaluate else None
                 if save:
-                    self._save(spec, step, float(loss), optimizer, scheduler, completed=last, val_losses=val)
+                    self._save(spec, step, record.values()[0], optimizer, scheduler, completed=last, val_losses=val)
                 step += 1
         finally:  # closed before any error line, so that line is the last one printed
             if pending is not None:  # interrupted with a step queued: its update happened, log it
@@ -270,7 +292,7 @@ class Trainer:
     def _check(self, record: "_StepRecord") -> bool:
         """The stability monitor's verdict on a step's loss and gradient norm (reads them back)."""
         return self.hooks["stability_monitor"].check_outputs(
-            {"loss": record.loss, "grad_norm": record.grad_norm}, record.step)
+            dict(zip(("loss", "grad_norm"), record.values())), record.step)
 
     def _read_back(self, spec: StageSpec, record: "_StepRecord", losses: list, bar, checked=False) -> bool:
         """Check (unless already checked) and log a step whose update is queued. False: non-finite."""
@@ -279,7 +301,7 @@ class Trainer:
         # A step read back late was timed from its start to the next step's start; one read back at
         # once (before a checkpoint or an evaluation, or unlagged) from its start to now.
         seconds = record.seconds if record.seconds is not None else time.perf_counter() - record.t0
-        step, loss, gn = record.step, float(record.loss), float(record.grad_norm)
+        step, (loss, gn) = record.step, record.values()
         losses.append(loss)
         cfg = self.cfg
         tok_s = spec.batch_size * spec.seq_len * cfg.grad_accum_steps * self.dist.world_size / max(seconds, 1e-9)
