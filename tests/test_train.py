@@ -247,10 +247,6 @@ def test_overwrite_recovers_from_its_own_checkpoints_only(data_dir, tmp_path, mo
     assert len(rec) == 1 and rec[0]["resume_step"] == 5
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    # each step timed over its own iteration: no step read back at once (3, 6) or right after a
-    # save (4) looks many times faster or slower than the others
-    rates = sorted(r["tokens_per_s"] for r in rows[1:])
-    assert rates[-1] < 5 * rates[len(rates) // 2] and rates[0] > rates[len(rates) // 2] / 5, rates
     final = load_checkpoint(tmp_path / "checkpoint_stage1_step_6.pt")
     assert final["train_args"]["seed"] == 7 and final["lr_scale"] == 0.5 and final["stage_completed"]
     (aside,) = tmp_path.glob("previous_run.bak-*")
@@ -350,7 +346,12 @@ def test_resume_with_another_global_batch_is_noted(data_dir, tmp_path, capsys):
 def test_a_step_is_read_back_after_the_next_step_is_queued(data_dir, tmp_path, monkeypatch):
     """The loss and gradient norm of step k are read (a host sync) only once step k+1's forward and
     backward are queued, except where a checkpoint or evaluation needs them at once."""
+    import types
+
+    from mm_rec.training import trainer as trainer_module
     from mm_rec.training.trainer import Trainer
+    ticks = iter(range(1, 1000))
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     events = []
     train_step, read_back = Trainer._train_step, Trainer._read_back
     monkeypatch.setattr(Trainer, "_train_step",
@@ -363,10 +364,9 @@ def test_a_step_is_read_back_after_the_next_step_is_queued(data_dir, tmp_path, m
                       ("run", 4), ("run", 5), ("read", 4), ("run", 6), ("read", 5), ("read", 6)]
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    # each step timed over its own iteration: no step read back at once (3, 6) or right after a
-    # save (4) looks many times faster or slower than the others
-    rates = sorted(r["tokens_per_s"] for r in rows[1:])
-    assert rates[-1] < 5 * rates[len(rates) // 2] and rates[0] > rates[len(rates) // 2] / 5, rates
+    # each step timed over its own iteration, whether read back late or at once (3, 6, and 4 right
+    # after a save): with a clock that ticks once a reading, every step takes one tick
+    assert [r["step_time_s"] for r in rows] == [1.0] * 6
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -417,3 +417,17 @@ def test_fp16_checks_each_step_before_its_update_and_recovers(data_dir, tmp_path
     rows = read_metrics(tmp_path / "metrics.jsonl", type=None)
     assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if r["type"] == "recovery"] == [3]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_a_step_record_reads_back_its_own_values(device):
+    """A step's loss and gradient norm, copied to the host behind an event, read back as queued
+    even when later work overwrites the tensors they came from."""
+    from mm_rec.training.trainer import _StepRecord
+    loss = torch.tensor(2.5, device=device)
+    norm = torch.tensor(float("nan"), device=device)
+    record = _StepRecord(7, loss, norm, 1e-3, None, 0.0)
+    loss.add_(1.0)  # later work on the same stream
+    values = record.values()
+    assert values[0] == 2.5 and values[1] != values[1]  # NaN kept as NaN
