@@ -102,15 +102,6 @@ def all_reduce_gradients(model: torch.nn.Module, world_size: int) -> None:
         bucket, size = ([g], g.numel()) if g is not None else ([], 0)
 
 
-def all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Mean of a tensor over ranks (a NaN on any rank makes it NaN everywhere)."""
-    if world_size <= 1:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / world_size
-
-
 def all_reduce_sum(value: torch.Tensor, world_size: int) -> torch.Tensor:
     """Sum of a tensor over ranks (the tensor itself when there is one process)."""
     if world_size <= 1:
@@ -118,3 +109,8 @@ def all_reduce_sum(value: torch.Tensor, world_size: int) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Mean of a tensor over ranks (a NaN on any rank makes it NaN everywhere)."""
+    return value if world_size <= 1 else all_reduce_sum(value, world_size) / world_size
