@@ -4,7 +4,9 @@ One process measures, per batch shape, a full training step (forward, cross-entr
 head in 4096-token chunks as train_modular does it, backward, fused AdamW, zero_grad; bf16
 autocast) of
   mmrec-gpu            MM-Rec, GPU path (fla-core Triton recurrences, fused projection), eager
-  mmrec-gpu-compiled   the same under torch.compile (--compile-mode, CUDA graphs by default)
+  mmrec-gpu-compiled   the same with its layer compiled (model.compile_blocks, what train_modular
+                       --compile does; --compile-mode, CUDA graphs by default)
+  mmrec-gpu-compiled-whole  the same with the whole loss under torch.compile instead
   mmrec-pytorch        MM-Rec on the pure-PyTorch path (use_kernel_fusion=False), eager
   transformer          the equal-parameter Transformer (benchmarks/baselines/transformer.py), eager
   transformer-compiled the same under torch.compile
@@ -37,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_BF16 = 989e12
-VARIANTS = ("mmrec-gpu", "mmrec-gpu-compiled", "mmrec-pytorch", "transformer", "transformer-compiled",
-            "fla-gla")
+VARIANTS = ("mmrec-gpu", "mmrec-gpu-compiled", "mmrec-gpu-compiled-whole", "mmrec-pytorch", "transformer",
+            "transformer-compiled", "fla-gla")
 # name -> (batch, seq_len, expert_type, fusion). Stage shapes follow the guide's stages: stage 2
 # trains one expert per step (alternating), stage 3 has fusion on.
 SHAPES = {
@@ -138,8 +140,11 @@ def make_step(model, variant, compile_mode):
         def loss_fn(x, y, expert_type):
             return model.loss(x, y, expert_type=expert_type)
 
-    if variant.endswith("compiled"):
-        loss_fn = torch.compile(loss_fn, mode=None if compile_mode == "default" else compile_mode)
+    mode = None if compile_mode == "default" else compile_mode
+    if variant == "mmrec-gpu-compiled":  # the layer, once for all layers (as train_modular --compile)
+        model.compile_blocks(mode=mode)
+    elif "compiled" in variant:          # the whole loss: model, LM head, cross-entropy
+        loss_fn = torch.compile(loss_fn, mode=mode)
 
     def step(x, y, expert_type):
         with torch.autocast("cuda", dtype=torch.bfloat16):

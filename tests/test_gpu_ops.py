@@ -139,17 +139,18 @@ def test_model_gpu_path_matches_pytorch_path():
     assert max(errs) < 0.1, max(errs)
 
 
+@pytest.mark.parametrize("scope", ["blocks", "whole"])
 @pytest.mark.parametrize("expert_type", [None, "text"])
-def test_compiled_loss_on_gpu_matches_eager(expert_type):
-    """torch.compile of the loss with the kernels as custom ops (CUDA graphs, as --compile_mode
-    reduce-overhead) gives eager's loss and gradients, bf16 autocast, one expert and both."""
+def test_compiled_loss_on_gpu_matches_eager(expert_type, scope):
+    """torch.compile with the kernels as custom ops and CUDA graphs (mode reduce-overhead) gives
+    eager's loss and gradients, bf16 autocast, one expert and both: of the layer (compile_blocks,
+    what --compile does) and of the whole loss (bench_train.py's mmrec-gpu-compiled-whole)."""
     import torch._dynamo
     from mm_rec.model import MMRec100M
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MMRec100M(vocab_size=512, expert_dim=64, num_layers=3, num_heads=2, ffn_dim=128).to(DEV)
     ids = torch.randint(0, 512, (2, 257), device=DEV)
-    compiled = torch.compile(model.loss, mode="reduce-overhead")
 
     def run(fn):
         model.zero_grad(set_to_none=True)
@@ -159,7 +160,9 @@ def test_compiled_loss_on_gpu_matches_eager(expert_type):
         return loss.detach().float().clone(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                if p.grad is not None}
 
-    ref_loss, ref_grads = run(model.loss)
+    ref_loss, ref_grads = run(model.loss)  # eager, before anything is compiled
+    compiled = (torch.compile(model.loss, mode="reduce-overhead") if scope == "whole"
+                else model.compile_blocks(mode="reduce-overhead").loss)
     for _ in range(3):  # warm-up, graph capture, replay
         loss, grads = run(compiled)
     assert abs(loss.item() - ref_loss.item()) < 1e-2 * abs(ref_loss.item())

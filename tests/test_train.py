@@ -67,6 +67,26 @@ def test_loss_falls_well_below_its_start_on_real_data(data_dir, tmp_path):
     assert ev["val_loss_text"] < start - 0.6 and ev["val_loss_code"] < start - 0.6
 
 
+def test_compile_trains_like_eager(data_dir, tmp_path):
+    """--compile (the layer compiled once for every layer) follows eager's loss curve step by step
+    on both experts, and its checkpoint holds the plain parameter names (loadable without it)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    args = ("--stage", "stage1", "--max_steps", "4", "--checkpoint_interval", "4", "--eval_interval", "0",
+            "--num_layers", "2")
+    train(data_dir, tmp_path / "eager", *args)
+    train(data_dir, tmp_path / "compiled", *args, "--compile")
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() and len(eager) == 4
+    for key, value in eager.items():
+        assert abs(compiled[key] - value) < 1e-4, (key, compiled[key], value)
+    state = load_checkpoint(tmp_path / "compiled" / "checkpoint_stage1_step_4.pt")
+    reference = load_checkpoint(tmp_path / "eager" / "checkpoint_stage1_step_4.pt")
+    assert state["model_state_dict"].keys() == reference["model_state_dict"].keys()
+    model_from(state)
+    torch._dynamo.reset()
+
+
 # -- the three stages ----------------------------------------------------------------------------
 def _code_expert_entries(state):
     """(parameter tensors, AdamW state tensors) of the code expert in a checkpoint."""

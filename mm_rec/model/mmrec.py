@@ -41,6 +41,7 @@ class MMRec100M(nn.Module):
         self.use_fusion = config.use_fusion
         self.use_gradient_checkpointing = False
         self._use_kernel_fusion = True
+        self._block_fn = None  # set by compile_blocks
         self.reset_parameters()
 
     # -- switches --------------------------------------------------------------------------------
@@ -57,6 +58,16 @@ class MMRec100M(nn.Module):
         for expert in self.experts.values():
             for block in expert.blocks:
                 block.use_kernel_fusion = self._use_kernel_fusion
+
+    def compile_blocks(self, mode: str | None = None, **compile_kwargs) -> "MMRec100M":
+        """torch.compile the layer (model/stacked.py's block function) instead of the whole model:
+        every layer of every expert runs the same maths on its own weights, so one compiled graph
+        (and, with mode="reduce-overhead", one CUDA graph per call) serves them all and compile
+        time does not grow with depth. The embedding, the LM head and the loss stay eager (a few
+        ops). Applies to the fused path (use_kernel_fusion, the default). Returns self."""
+        from .stacked import _stacked_block
+        self._block_fn = torch.compile(_stacked_block, mode=mode, fullgraph=True, **compile_kwargs)
+        return self
 
     @property
     def recompute_gates(self) -> bool:
@@ -119,7 +130,8 @@ class MMRec100M(nn.Module):
             states = None
             if memory_states is not None and any(memory_states.get(n) is not None for n in active):
                 states = [memory_states.get(n) or self._zero_states(n, x) for n in active]
-            outs, new = stacked_experts_forward([self.experts[n] for n in active], x, states, ckpt)
+            outs, new = stacked_experts_forward([self.experts[n] for n in active], x, states, ckpt,
+                                                self._block_fn)
             features, new_states = dict(zip(active, outs)), dict(zip(active, new))
         else:
             features, new_states = {}, {}

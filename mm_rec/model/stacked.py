@@ -159,9 +159,10 @@ def _rms_norm(x: torch.Tensor, weights: list, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), eps=eps) * _per_expert(weights)
 
 
-def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: list | None):
+def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: list | None, block_fn=None):
     """Layer l of E experts at once. x: [E, B, T, d]; states: per expert {"h", "M"} or None.
-    Returns (y [E, B, T, d], per-expert new states) -- MMRecBlock.forward for each expert."""
+    Returns (y [E, B, T, d], per-expert new states) -- MMRecBlock.forward for each expert.
+    block_fn: what runs the maths, _stacked_block or a torch.compile of it (MMRec100M.compile_blocks)."""
     E = x.shape[0]
     first = blocks[0]
     cfg = first.config
@@ -170,16 +171,14 @@ def stacked_block_forward(blocks: list[MMRecBlock], x: torch.Tensor, states: lis
     M0 = None if states is None else torch.cat([s["M"] for s in states])
     settings = (first.num_heads, cfg.norm_eps, cfg.alpha_temperature, cfg.chunk_size, cfg.dropout,
                 first.training, torch.is_grad_enabled() and first.recompute_gates)
-    # (no region where dropout draws random masks: each layer must draw its own)
-    block = _one_expert_block if E == 1 and not (cfg.dropout > 0 and first.training) else _stacked_block
-    y, h_T, M_T = block(_linear_params(blocks), norms, x, h0, M0, settings)
+    y, h_T, M_T = (block_fn or _stacked_block)(_linear_params(blocks), norms, x, h0, M0, settings)
     return y, [{"h": hs, "M": Ms} for hs, Ms in zip(h_T.chunk(E), M_T.chunk(E))]
 
 
 def _stacked_block(linears: dict, norms: dict, x: torch.Tensor, h0, M0, settings: tuple):
-    """stacked_block_forward's maths as a function of tensors, the parameters included (so one
-    compiled region serves every layer): (y, h_T, M_T), the experts' states concatenated along the
-    batch (no outputs aliasing each other, as a compile region needs)."""
+    """stacked_block_forward's maths as a function of tensors, the parameters included: compiled,
+    one graph serves every layer (they differ only in their weights). Returns (y, h_T, M_T), the
+    experts' states concatenated along the batch."""
     H, eps, tau, chunk_size, p, training, recompute_gates = settings
     E, B, T, d = x.shape
     Dh = d // H
@@ -217,30 +216,23 @@ def _stacked_block(linears: dict, norms: dict, x: torch.Tensor, h0, M0, settings
     return x2.reshape(E, B, T, d), h_T, M_T
 
 
-# With one expert (Stage 2, the longest stage), torch.compile traces and compiles one layer once and
-# reuses it for every layer (they differ only in their weights): compile time stops growing with
-# depth (CPU, d=64, 16 layers: ops traced 2,051 -> 115, compile and first step 167 -> 38 s). Not with
-# both experts: there torch 2.13's reuse of the region gives wrong gradients from the third layer on
-# (tests/test_model.py holds both cases to eager), and torch 2.11's Dynamo fails on it (KeyError:
-# example_value), so it is used from torch 2.13 on. Outside torch.compile it is a plain call.
-_TORCH_2_13 = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
-_one_expert_block = (torch.compiler.nested_compile_region(_stacked_block) if _TORCH_2_13 else _stacked_block)
-
-
 def stacked_experts_forward(experts: list, x: torch.Tensor, states: list | None,
-                            gradient_checkpointing: bool = False):
+                            gradient_checkpointing: bool = False, block_fn=None):
     """Every expert on the same input x [B, T, d]. states: per expert a list of per-layer states
     (or None). Returns (per-expert outputs after the expert's final norm, per-expert new states)."""
     E = len(experts)
-    xs = x.unsqueeze(0).expand(E, *x.shape)
+    # A real copy per expert, not a stride-0 view: every layer then sees the same strides (a
+    # compiled block is traced once, not again for the first layer).
+    xs = x.unsqueeze(0).expand(E, *x.shape).contiguous() if E > 1 else x.unsqueeze(0)
     new_states = [[] for _ in range(E)]
     for layer in range(len(experts[0].blocks)):
         blocks = [e.blocks[layer] for e in experts]
         layer_states = None if states is None else [s[layer] for s in states]
         if gradient_checkpointing and torch.is_grad_enabled():
-            xs, layer_states = checkpoint(stacked_block_forward, blocks, xs, layer_states, use_reentrant=False)
+            xs, layer_states = checkpoint(stacked_block_forward, blocks, xs, layer_states, block_fn,
+                                          use_reentrant=False)
         else:
-            xs, layer_states = stacked_block_forward(blocks, xs, layer_states)
+            xs, layer_states = stacked_block_forward(blocks, xs, layer_states, block_fn)
         for i, s in enumerate(layer_states):
             new_states[i].append(s)
     outputs = [expert.norm(xs[i]) for i, expert in enumerate(experts)]

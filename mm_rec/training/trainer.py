@@ -106,10 +106,13 @@ class Trainer:
         if self.resume_state is not None:
             self.model.load_state_dict(self.resume_state["model_state_dict"])
         D.broadcast_parameters(self.model)
+        # --compile compiles the layer, not the whole model: one graph for every layer of both
+        # experts, so compilation takes seconds, not minutes, and does not grow with depth.
+        if cfg.compile:
+            self.model.compile_blocks(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
         # The step's loss: model.loss runs the LM head and cross-entropy in chunks, never holding
         # the [B, T, vocab] logits (recomputed in backward).
-        self.loss_fn = (torch.compile(self.model.loss, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
-                        if cfg.compile else self.model.loss)
+        self.loss_fn = self.model.loss
 
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
