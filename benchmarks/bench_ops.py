@@ -7,7 +7,9 @@ memory (d=256 channels, fp32), as the training step calls them, for each impleme
 
     python benchmarks/bench_ops.py --shapes 4x512,2x8192,4x4096,8x8192 --out ops.json --profile 2x8192
 
-Variants (long-term): `gla` is the op the model runs (mm_rec.ops.gpu.recurrences.long_term_gpu);
+Variants (long-term): `gla` is the op the model runs (mm_rec.ops.gpu.recurrences.long_term_gpu),
+with its chunk-boundary states computed in parallel over the chunks (chunk_states.py);
+`gla-fla-states` the same op with fla's sequential state passes instead (STATE_PASS = "fla");
 `fla-chunk_gla` is fla-core's own chunk_gla entry point (what a straightforward version calls).
 Short-term: `scan` is ours (diag_scan.py); `fla-hgrn` is fla-core's chunk_hgrn.
 """
@@ -23,14 +25,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LONG = ("gla", "fla-chunk_gla")
+LONG = ("gla", "gla-fla-states", "fla-chunk_gla")
 SHORT = ("scan", "fla-hgrn")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4x512,2x8192,4x4096,8x8192", help="comma-separated BxT")
-    p.add_argument("--variants", default="gla,fla-chunk_gla,scan", help=f"from {LONG + SHORT}")
+    p.add_argument("--variants", default="gla,gla-fla-states,fla-chunk_gla,scan", help=f"from {LONG + SHORT}")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
@@ -64,9 +66,13 @@ def make_inputs(B, T, H, D, dev, torch):
 
 
 def variant_fn(name):
+    from mm_rec.ops.gpu import recurrences
     from mm_rec.ops.gpu.recurrences import long_term_gpu, short_term_gpu
-    if name == "gla":
-        return lambda t: long_term_gpu(t["q"], t["k"], t["v"], t["log_alpha"])
+    if name in ("gla", "gla-fla-states"):
+        def gla(t):  # the setting holds until the next variant runs: through this one's backward too
+            recurrences.STATE_PASS = "fla" if name == "gla-fla-states" else "parallel"
+            return long_term_gpu(t["q"], t["k"], t["v"], t["log_alpha"])
+        return gla
     if name == "fla-chunk_gla":
         from fla.ops.gla import chunk_gla
         return lambda t: chunk_gla(t["q"], t["k"], t["v"], t["log_alpha"], output_final_state=True)

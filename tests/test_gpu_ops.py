@@ -93,6 +93,36 @@ def test_long_term_kernel(T, dtype, with_state):
     check(f"long T={T} {dtype} h0={with_state}", outs, grads, ref_outs, ref_grads, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [63, 512, 1000, 8192])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_long_term_parallel_state_pass_matches_fla_sequential(T, dtype, with_state):
+    """chunk_states.py's chunk-parallel states and state gradients equal fla's sequential passes
+    (chunk_fwd_h / chunk_bwd_dh): every chunk's state, the final state, dM0."""
+    from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+
+    from mm_rec.ops.gpu.chunk_states import chunk_states_bwd, chunk_states_fwd
+    torch.manual_seed(T + with_state)
+    B, H, D, BT, scale = 3, 4, 32, 64, 32 ** -0.5
+    q, k, v, do = (torch.randn(B, T, H, D, device=DEV).to(dtype) for _ in range(4))
+    g = chunk_local_cumsum(F.logsigmoid(2 * torch.randn(B, T, H, D, device=DEV)) / 16, BT, scale=RCP_LN2)
+    M0 = torch.randn(B, H, D, D, device=DEV) if with_state else None
+    dM_T = torch.randn(B, H, D, D, device=DEV) if with_state else None
+    h, M_T = chunk_states_fwd(k, v, g, M0, BT)
+    ref_h, ref_M_T = chunk_fwd_h(k=k, v=v, gk=g, h0=M0, output_final_state=True, chunk_size=BT,
+                                 states_in_fp32=True)
+    dh, dM0 = chunk_states_bwd(q, do, g, dM_T, scale, BT, need_dM0=with_state)
+    ref_dh, ref_dM0 = chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=M0, dht=dM_T, scale=scale, gk=g, chunk_size=BT,
+                                   states_in_fp32=True)
+    assert h.shape == ref_h.shape and dh.shape == ref_dh.shape and h.dtype == dh.dtype == torch.float32
+    pairs = [(h, ref_h), (M_T, ref_M_T), (dh, ref_dh)] + ([(dM0, ref_dM0)] if with_state else [])
+    errs = [((a - b).norm() / b.norm().clamp_min(1e-6)).item() for a, b in pairs]  # h: zeros when T < 64
+    assert max(errs) < 2e-3, errs  # the same maths, summed in another order (tf32 products in fp32)
+    assert (dM0 is None) == (not with_state)
+
+
 def test_dispatch_picks_kernels_on_cuda_only_when_allowed():
     """short/long_term_memory route CUDA fp32/bf16 to the kernels, fp64 and allow_kernels=False
     to the PyTorch path; both agree."""

@@ -19,14 +19,36 @@ from typing import Optional
 
 import torch
 import triton
-from fla.ops.common.chunk_h import chunk_fwd_h
-from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk
+from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
+from fla.ops.gla.chunk import (chunk_gla_bwd_dA, chunk_gla_bwd_dqk_intra, chunk_gla_bwd_dqkg, chunk_gla_bwd_dv,
+                               chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk)
 from fla.ops.utils.constant import RCP_LN2
 from fla.ops.utils.cumsum import chunk_local_cumsum
 
+from .chunk_states import chunk_states_bwd, chunk_states_fwd
 from .diag_scan import diag_scan_bwd, diag_scan_fwd
 
 Tensor = torch.Tensor
+
+
+# How the GLA's chunk-boundary states are computed: "parallel" (chunk_states.py: parallel over the
+# chunks) or "fla" (fla's chunk_fwd_h / chunk_bwd_dh, sequential over the chunks). The same states;
+# bench_ops.py and the GPU tests compare the two.
+STATE_PASS = "parallel"
+
+
+def _chunk_states_fwd(k, v, g_cumsum, M0, BT):
+    if STATE_PASS == "fla":
+        return chunk_fwd_h(k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=M0, output_final_state=True,
+                           chunk_size=BT, states_in_fp32=True)
+    return chunk_states_fwd(k, v, g_cumsum, M0, BT)
+
+
+def _chunk_states_bwd(q, k, v, g_cumsum, M0, do, dM_T, scale, BT):
+    if STATE_PASS == "fla":
+        return chunk_bwd_dh(q=q, k=k, v=v, g=None, gk=g_cumsum, gv=None, do=do, h0=M0, dht=dM_T, scale=scale,
+                            chunk_size=BT, states_in_fp32=True)
+    return chunk_states_bwd(q, do, g_cumsum, dM_T, scale, BT, need_dM0=M0 is not None)
 
 
 def _gla_chunk(T: int) -> int:
@@ -102,13 +124,11 @@ def gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, M0: Option
     """fla's chunk_gla_fwd, step by step, keeping the per-chunk states for backward.
 
     Returns (o in v's dtype, M_T fp32, and fp32 intermediates kept for backward: A, g_cumsum and
-    the state at every chunk start [B, T/64, H, K, V]). fla's own backward recomputes those states
-    with a pass over the chunks that runs one program per (sequence, head): keeping them costs
-    512 bytes a token (a layer, d=256) and saves that pass (118 of 915 us at 2x8192 on an H100)."""
+    the state at every chunk start [B, T/64, H, K, V]). fla's own backward recomputes those states:
+    keeping them costs 512 bytes a token (a layer, d=256) and saves that pass."""
     BT = _gla_chunk(q.shape[1])
     g_cumsum = chunk_local_cumsum(g, BT, scale=RCP_LN2)  # fla's kernels work in base 2
-    h, M_T = chunk_fwd_h(k=k, v=v, gk=g_cumsum, h0=M0, output_final_state=True, chunk_size=BT,
-                         states_in_fp32=True)
+    h, M_T = _chunk_states_fwd(k, v, g_cumsum, M0, BT)
     A = chunk_gla_fwd_intra_gk(q=q, k=k, g=g_cumsum, scale=scale, chunk_size=BT)
     o = chunk_gla_fwd_o_gk(q=q, v=v, g=g_cumsum, A=A, h=h, scale=scale, chunk_size=BT)
     return o, M_T, A, g_cumsum, h
@@ -129,9 +149,15 @@ def _(q, k, v, g, scale, M0):
 def gla_bwd(q: Tensor, k: Tensor, v: Tensor, g_cumsum: Tensor, A: Tensor, h: Tensor, scale: float,
             M0: Optional[Tensor], do: Tensor, dM_T: Optional[Tensor]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dg, dM0 = chunk_gla_bwd(
-        q=q, k=k, v=v, g=None, g_cumsum=g_cumsum, scale=scale, initial_state=M0, h=h, A=A,
-        do=do.contiguous(), dht=dM_T, chunk_size=_gla_chunk(q.shape[1]))
+    """fla's chunk_gla_bwd, step by step, with the forward's states and our state-gradient pass."""
+    BT = _gla_chunk(q.shape[1])
+    do = do.contiguous()
+    dh, dM0 = _chunk_states_bwd(q, k, v, g_cumsum, M0, do, dM_T, scale, BT)
+    dv = chunk_gla_bwd_dv(k=k, g=g_cumsum, A=A, do=do, dh=dh, chunk_size=BT)
+    dA = chunk_gla_bwd_dA(v=v, do=do, scale=scale, chunk_size=BT)
+    dq, dk = chunk_gla_bwd_dqk_intra(q=q, k=k, g=g_cumsum, dA=dA, chunk_size=BT)
+    dq, dk, dg = chunk_gla_bwd_dqkg(q=q, k=k, v=v, h=h, g=g_cumsum, do=do, dh=dh, dq=dq, dk=dk, scale=scale,
+                                    chunk_size=BT)
     dM0 = q.new_empty(0) if dM0 is None else dM0
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dM0
 
