@@ -6,7 +6,7 @@ autocast) of
   mmrec-gpu            MM-Rec, GPU path (fla-core Triton recurrences, fused projection), eager
   mmrec-gpu-compiled   the same with its layer compiled (model.compile_blocks, what train_modular
                        --compile does; --compile-mode, CUDA graphs by default)
-  mmrec-gpu-compiled-whole  the same with the whole loss under torch.compile instead
+  mmrec-gpu-compiled-whole  the same with the whole loss under torch.compile instead (--compile_scope model)
   mmrec-pytorch        MM-Rec on the pure-PyTorch path (use_kernel_fusion=False), eager
   transformer          the equal-parameter Transformer (benchmarks/baselines/transformer.py), eager
   transformer-compiled the same under torch.compile
@@ -146,7 +146,11 @@ def make_step(model, variant, compile_mode):
     elif "compiled" in variant:          # the whole loss: model, LM head, cross-entropy
         loss_fn = torch.compile(loss_fn, mode=mode)
 
+    compiled = "compiled" in variant
+
     def step(x, y, expert_type):
+        if compiled:  # as train_modular: a new step begins (CUDA graphs may reuse the last one's memory)
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(x, y, expert_type)
         loss.backward()

@@ -119,7 +119,11 @@ def test_long_term_parallel_state_pass_matches_fla_sequential(T, dtype, with_sta
     assert h.shape == ref_h.shape and dh.shape == ref_dh.shape and h.dtype == dh.dtype == torch.float32
     pairs = [(h, ref_h), (M_T, ref_M_T), (dh, ref_dh)] + ([(dM0, ref_dM0)] if with_state else [])
     errs = [((a - b).norm() / b.norm().clamp_min(1e-6)).item() for a, b in pairs]  # h: zeros when T < 64
-    assert max(errs) < 2e-3, errs  # the same maths, summed in another order (tf32 products in fp32)
+    print(f"state pass T={T} {dtype} state={with_state} h, M_T, dh(, dM0):", " ".join(f"{e:.1e}" for e in errs))
+    # fp32: the same products summed in another order. bf16: fla rounds q * scale to bf16 before
+    # the decay and again after, we round once (both are 2.5e-3 from the fp32 reference in
+    # test_long_term_kernel).
+    assert max(errs) < (1e-4 if dtype == torch.float32 else 1e-2), errs  # the same maths, summed in another order (tf32 products in fp32)
     assert (dM0 is None) == (not with_state)
 
 
@@ -172,9 +176,11 @@ def test_model_gpu_path_matches_pytorch_path():
 @pytest.mark.parametrize("scope", ["blocks", "whole"])
 @pytest.mark.parametrize("expert_type", [None, "text"])
 def test_compiled_loss_on_gpu_matches_eager(expert_type, scope):
-    """torch.compile with the kernels as custom ops and CUDA graphs (mode reduce-overhead) gives
-    eager's loss and gradients, bf16 autocast, one expert and both: of the layer (compile_blocks,
-    what --compile does) and of the whole loss (bench_train.py's mmrec-gpu-compiled-whole)."""
+    """torch.compile with the kernels as custom ops and CUDA graphs (mode reduce-overhead), bf16
+    autocast, one expert and both, of the layer (compile_blocks, what --compile does) and of the
+    whole loss (--compile_scope model): as close to the fp32 step's loss and gradients as the eager
+    bf16 step is. (bf16 steps differ from each other by more than a fixed tolerance in a few small
+    gradients, such as the decay gate's of the last layer, so each is held to fp32.)"""
     import torch._dynamo
     from mm_rec.model import MMRec100M
     torch._dynamo.reset()
@@ -182,22 +188,25 @@ def test_compiled_loss_on_gpu_matches_eager(expert_type, scope):
     model = MMRec100M(vocab_size=512, expert_dim=64, num_layers=3, num_heads=2, ffn_dim=128).to(DEV)
     ids = torch.randint(0, 512, (2, 257), device=DEV)
 
-    def run(fn):
+    def run(fn, bf16=True):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
             loss = fn(ids[:, :-1], ids[:, 1:], expert_type=expert_type)
         loss.backward()
         return loss.detach().float().clone(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                if p.grad is not None}
 
-    ref_loss, ref_grads = run(model.loss)  # eager, before anything is compiled
+    ref_loss, ref_grads = run(model.loss, bf16=False)  # eager fp32, before anything is compiled
+    eager_loss, eager_grads = run(model.loss)
     compiled = (torch.compile(model.loss, mode="reduce-overhead") if scope == "whole"
                 else model.compile_blocks(mode="reduce-overhead").loss)
     for _ in range(3):  # warm-up, graph capture, replay
+        torch.compiler.cudagraph_mark_step_begin()
         loss, grads = run(compiled)
-    assert abs(loss.item() - ref_loss.item()) < 1e-2 * abs(ref_loss.item())
-    assert grads.keys() == ref_grads.keys() and len(grads) > 20
-    errs = {n: rel(g, ref_grads[n]) for n, g in grads.items() if ref_grads[n].norm() > 0}
-    assert max(errs.values()) < 0.05, max(errs.items(), key=lambda kv: kv[1])
+    assert grads.keys() == ref_grads.keys() == eager_grads.keys() and len(grads) > 20
+    assert abs(loss.item() - ref_loss.item()) <= 2 * abs(eager_loss.item() - ref_loss.item()) + 1e-3
+    for n, g in grads.items():
+        if ref_grads[n].norm() > 0:
+            assert rel(g, ref_grads[n]) <= 2 * rel(eager_grads[n], ref_grads[n]) + 0.02, n
     torch._dynamo.reset()
 

@@ -67,15 +67,16 @@ def test_loss_falls_well_below_its_start_on_real_data(data_dir, tmp_path):
     assert ev["val_loss_text"] < start - 0.6 and ev["val_loss_code"] < start - 0.6
 
 
-def test_compile_trains_like_eager(data_dir, tmp_path):
-    """--compile (the layer compiled once for every layer) follows eager's loss curve step by step
-    on both experts, and its checkpoint holds the plain parameter names (loadable without it)."""
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_compile_trains_like_eager(data_dir, tmp_path, scope):
+    """--compile (the layer compiled once for every layer, or the whole loss) follows eager's loss
+    curve step by step on both experts, and its checkpoint holds the plain parameter names."""
     import torch._dynamo
     torch._dynamo.reset()
     args = ("--stage", "stage1", "--max_steps", "4", "--checkpoint_interval", "4", "--eval_interval", "0",
             "--num_layers", "2")
     train(data_dir, tmp_path / "eager", *args)
-    train(data_dir, tmp_path / "compiled", *args, "--compile")
+    train(data_dir, tmp_path / "compiled", *args, "--compile", "--compile_scope", scope)
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert eager.keys() == compiled.keys() and len(eager) == 4
     for key, value in eager.items():

@@ -21,6 +21,7 @@ from .stages import SCHEDULES, STAGE_NAMES, StageSpec
 MODEL_FLAGS = ("vocab_size", "expert_dim", "num_layers", "num_heads", "ffn_dim")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("layer", "model")
 
 
 def _opt(default=None, help="", type=None, choices=None, group="training"):
@@ -92,6 +93,9 @@ class TrainConfig:
     compile_mode: str = _opt("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs: "
                              "fewer launches, best for short sequences) or max-autotune", str,
                              COMPILE_MODES, "hardware")
+    compile_scope: str = _opt("layer", "what --compile compiles: layer (one graph serves every layer: compiles in "
+                              "seconds) or model (the whole loss: minutes to compile, less host work per step)",
+                              str, COMPILE_SCOPES, "hardware")
 
     # ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -106,13 +106,16 @@ class Trainer:
         if self.resume_state is not None:
             self.model.load_state_dict(self.resume_state["model_state_dict"])
         D.broadcast_parameters(self.model)
-        # --compile compiles the layer, not the whole model: one graph for every layer of both
-        # experts, so compilation takes seconds, not minutes, and does not grow with depth.
-        if cfg.compile:
-            self.model.compile_blocks(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
         # The step's loss: model.loss runs the LM head and cross-entropy in chunks, never holding
-        # the [B, T, vocab] logits (recomputed in backward).
+        # the [B, T, vocab] logits (recomputed in backward). --compile compiles by default the
+        # layer, not the whole model: one graph for every layer of both experts, so compilation
+        # takes seconds, not minutes, and does not grow with depth.
         self.loss_fn = self.model.loss
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        if cfg.compile and cfg.compile_scope == "layer":
+            self.model.compile_blocks(mode=mode)
+        elif cfg.compile:
+            self.loss_fn = torch.compile(self.model.loss, mode=mode)
 
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -348,6 +351,8 @@ class Trainer:
                                        rank=self.dist.rank, world_size=self.dist.world_size, split="train")
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             return_memory = want_memory and micro == 0
+            if cfg.compile:  # CUDA graphs (reduce-overhead): a new step, the last one's outputs are free
+                torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
                 out = self.loss_fn(x, y, expert_type=expert_type, chunk_size=cfg.chunk_size,
                                    return_memory=return_memory)
