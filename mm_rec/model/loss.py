@@ -20,16 +20,19 @@ def _head_loss_sum(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                          chunk: int = 4096) -> torch.Tensor:
+                          chunk: int = 4096, head_loss=None) -> torch.Tensor:
     """mean over tokens of cross_entropy(head(hidden), targets); hidden [..., D], targets [...].
-    The same value and gradients as F.cross_entropy(head(hidden).float().flatten(0, -2), targets.flatten())."""
+    The same value and gradients as F.cross_entropy(head(hidden).float().flatten(0, -2), targets.flatten()).
+    head_loss: a torch.compile of _head_loss_sum (MMRec100M.compile_blocks), which fuses the fp32
+    cast, log-softmax and gather instead of writing the chunk's fp32 logits out."""
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     # One chunk: recomputing it would not lower the peak (its logits are rebuilt while the whole
     # step's activations are still alive), so it runs plainly.
     grad = torch.is_grad_enabled() and h.shape[0] > chunk
-    total = sum(checkpoint(_head_loss_sum, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False) if grad
-                else _head_loss_sum(head, h[i:i + chunk], y[i:i + chunk])
+    head_loss = head_loss or _head_loss_sum
+    total = sum(checkpoint(head_loss, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False) if grad
+                else head_loss(head, h[i:i + chunk], y[i:i + chunk])
                 for i in range(0, h.shape[0], chunk))
     return total / y.numel()

@@ -41,7 +41,7 @@ class MMRec100M(nn.Module):
         self.use_fusion = config.use_fusion
         self.use_gradient_checkpointing = False
         self._use_kernel_fusion = True
-        self._block_fn = None  # set by compile_blocks
+        self._block_fn = self._head_loss_fn = None  # set by compile_blocks
         self.reset_parameters()
 
     # -- switches --------------------------------------------------------------------------------
@@ -63,10 +63,15 @@ class MMRec100M(nn.Module):
         """torch.compile the layer (model/stacked.py's block function) instead of the whole model:
         every layer of every expert runs the same maths on its own weights, so one compiled graph
         (and, with mode="reduce-overhead", one CUDA graph per call) serves them all and compile
-        time does not grow with depth. The embedding, the LM head and the loss stay eager (a few
-        ops). Applies to the fused path (use_kernel_fusion, the default). Returns self."""
+        time does not grow with depth. loss() also compiles its LM head and cross-entropy (per
+        chunk); the embedding and the fusion layer stay eager (a few ops). Applies to the fused path
+        (use_kernel_fusion, the default). Returns self."""
+        from .loss import _head_loss_sum
         from .stacked import _stacked_block
         self._block_fn = torch.compile(_stacked_block, mode=mode, fullgraph=True, **compile_kwargs)
+        # The LM head and loss per chunk: compiled too (no CUDA graphs: a few large kernels), so the
+        # fp32 cast, log-softmax and gather are fused rather than the chunk's fp32 logits written out.
+        self._head_loss_fn = torch.compile(_head_loss_sum, fullgraph=True)
         return self
 
     @property
@@ -181,7 +186,7 @@ class MMRec100M(nn.Module):
         chunk's logits instead of every token's (at 4 x 4096 tokens and vocab 32000, gigabytes).
         The same value and gradients as F.cross_entropy(model(input_ids).float(), targets)."""
         hidden, states = self._run(input_ids, expert_type, memory_states, chunk_size, "hidden")
-        loss = chunked_cross_entropy(hidden, self.lm_head, targets, head_chunk)
+        loss = chunked_cross_entropy(hidden, self.lm_head, targets, head_chunk, self._head_loss_fn)
         return (loss, states) if return_memory else loss
 
     @torch.no_grad()
