@@ -452,3 +452,20 @@ def test_a_step_record_reads_back_its_own_values(device):
     loss.add_(1.0)  # later work on the same stream
     values = record.values()
     assert values[0] == 2.5 and values[1] != values[1]  # NaN kept as NaN
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_a_batch_goes_to_the_gpu_through_pinned_memory(device, monkeypatch):
+    """On CUDA a batch is copied from pinned memory (a copy from pageable memory would first wait
+    for the previous step's queued work); on the CPU it is left where it is."""
+    import types
+
+    from mm_rec.training.trainer import Trainer
+    pinned = []
+    pin = torch.Tensor.pin_memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(True) or pin(t))
+    batch = torch.arange(12).reshape(3, 4)
+    out = Trainer._to_device(types.SimpleNamespace(device=torch.device(device)), batch)
+    assert out.device.type == device and torch.equal(out.cpu(), batch)
+    assert pinned == ([True] if device == "cuda" else [])

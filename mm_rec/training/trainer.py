@@ -349,7 +349,7 @@ class Trainer:
             key = (step - 1) * accum + micro + 1
             x, y = self.data.get_batch(kind, key, spec.batch_size, spec.seq_len, seed=cfg.seed,
                                        rank=self.dist.rank, world_size=self.dist.world_size, split="train")
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self._to_device(x), self._to_device(y)
             return_memory = want_memory and micro == 0
             if cfg.compile:  # CUDA graphs (reduce-overhead): a new step, the last one's outputs are free
                 torch.compiler.cudagraph_mark_step_begin()
@@ -373,6 +373,14 @@ class Trainer:
             # fp16: an overflowing gradient is routine; GradScaler skips the step and lowers the scale.
             grad_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
         return loss, grad_norm, optimizer.param_groups[0]["lr"], memory
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A CPU batch onto the device without waiting: a copy from pageable memory to a GPU
+        first waits for all work queued on the stream (the previous step), so the batch goes
+        through pinned memory (PyTorch's caching host allocator, reused once a copy is done)."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
 
     def _inject_nan(self, step: int) -> bool:
         """The recovery drill: MMREC_INJECT_NAN_AT_STEP=k makes step k's loss NaN, once per process."""
