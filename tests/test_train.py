@@ -88,6 +88,23 @@ def test_compile_trains_like_eager(data_dir, tmp_path, scope):
     torch._dynamo.reset()
 
 
+def test_profile_step_writes_a_trace_and_a_table_of_three_steps(data_dir, tmp_path):
+    """--profile_step 3 profiles steps 3-5: a Chrome trace of exactly three steps' ops and a table
+    of the top ops; training itself is unchanged (same losses)."""
+    args = ("--stage", "stage1", "--max_steps", "6", "--checkpoint_interval", "6", "--eval_interval", "0")
+    train(data_dir, tmp_path / "plain", *args)
+    train(data_dir, tmp_path / "profiled", *args, "--profile_step", "3")
+    assert losses(tmp_path / "profiled") == losses(tmp_path / "plain")
+    trace = json.loads((tmp_path / "profiled" / "profile_stage1_step3.json").read_text())
+    names = [e.get("name", "") for e in trace["traceEvents"]]
+    # the LM head's matmul is the step's one MmBackward0 (the layers' are batched): three steps
+    assert sum(n == "autograd::engine::evaluate_function: MmBackward0" for n in names) == 3
+    table = (tmp_path / "profiled" / "profile_stage1_step3.txt").read_text()
+    assert "Self CPU" in table and "aten::mm" in table
+    assert sorted(p.name for p in (tmp_path / "profiled").glob("profile_*")) == [
+        "profile_stage1_step3.json", "profile_stage1_step3.txt"]
+
+
 # -- the three stages ----------------------------------------------------------------------------
 def _code_expert_entries(state):
     """(parameter tensors, AdamW state tensors) of the code expert in a checkpoint."""

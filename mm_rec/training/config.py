@@ -80,6 +80,8 @@ class TrainConfig:
     eval_batches: int = _opt(8, "validation batches (of the global batch) per domain", int, group="output")
     memory_log_interval: int | None = _opt(None, "log memory-state norms every N steps "
                                                  "(default 100; tiny: 10; 0 disables)", int, group="output")
+    profile_step: int | None = _opt(None, "profile steps N..N+2 of each stage with torch.profiler: a Chrome "
+                                          "trace and a table of the top ops in CHECKPOINT_DIR", int, group="output")
     log_dir: str | None = _opt(None, "TensorBoard directory (default: CHECKPOINT_DIR/tensorboard)", str,
                                group="output")
     wandb: bool = _flag("log to Weights & Biases (offline unless configured)", "output")
@@ -127,7 +129,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         positive = ("batch_size", "seq_len", "max_steps", "learning_rate", "grad_accum_steps",
                     "gradient_clip_norm", "lr_scale", "chunk_size", "checkpoint_interval", "eval_batches",
-                    *MODEL_FLAGS)
+                    "profile_step", *MODEL_FLAGS)
         for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:

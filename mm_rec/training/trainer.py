@@ -36,6 +36,7 @@ from .config import TrainConfig
 from .data import open_training_data
 from .evaluation import evaluate_loss
 from .metrics import MetricsLogger, NullLogger
+from .profiling import StepProfiler
 from .optim import build_optimizer, build_scheduler
 from .rundir import find_previous_run, refuse_reuse, set_aside
 from .stages import StageSpec, next_stage
@@ -244,9 +245,14 @@ class Trainer:
         # GradScaler, a non-fused AdamW), each step is checked before its update instead.
         lagged = bool(optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
         pending = None  # the step whose numbers are not read yet
+        profiler = StepProfiler(cfg.profile_step, self.ckpt_dir, spec.name, self.device, enabled=self.is_main)
+        if cfg.profile_step is not None and not start_step <= cfg.profile_step <= spec.max_steps:
+            self.print(f"note: --profile_step {cfg.profile_step} is outside this stage's steps "
+                       f"{start_step}-{spec.max_steps}: nothing profiled")
         step = start_step
         try:
             while step <= spec.max_steps:
+                profiler.at_step_start(step)
                 t0 = time.perf_counter()
                 loss, grad_norm, lr, memory = self._train_step(spec, step, optimizer)
                 record = _StepRecord(step, loss, grad_norm, lr, memory, t0)
@@ -285,6 +291,7 @@ class Trainer:
                     self._save(spec, step, record.values()[0], optimizer, scheduler, completed=last, val_losses=val)
                 step += 1
         finally:  # closed before any error line, so that line is the last one printed
+            profiler.finish()
             if pending is not None:  # interrupted with a step queued: its update happened, log it
                 try:
                     self._read_back(spec, pending, losses, bar)
