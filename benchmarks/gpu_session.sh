@@ -98,6 +98,8 @@ if has ddp; then
   python3 benchmarks/compare_runs.py $RUNS/single $RUNS/ddp2_same_global $RUNS/resume1 $RUNS/ddp2 \
       --json "$OUT/train_ddp.json"
 fi
+# With TRAIN_ARGS="--profile_step N" the runs' top-ops tables come back too (their traces stay).
+for f in "$RUNS"/*/profile_*.txt; do [[ -e $f ]] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f" .txt).log"; done
 # A call brings back at most 8 files from $OUT: the logs travel as one archive.
 if [[ -n ${PACK_LOGS:-} ]]; then
   (cd "$OUT" && logs=$(ls *.log 2>/dev/null) && [[ -n $logs ]] && tar czf "$PACK_LOGS" $logs && rm -f $logs)
