@@ -15,6 +15,8 @@ per-expert form (use_kernel_fusion=False) that this one is checked against.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -28,12 +30,16 @@ LINEARS = ("in_proj", "mdi.base_in", "mdi.base_out", "mdi.context_in", "mdi.cont
            "alpha_up", "out_gate", "out_proj", "ffn_in", "ffn_out")
 
 
+_LINEAR_GETTERS = [(name, operator.attrgetter(name)) for name in LINEARS]  # faster than get_submodule
+
+
 def _linear_params(blocks: list[MMRecBlock]) -> dict:
     """Each Linear of the E blocks: name -> ([E weights], [E biases] or None), the parameters
-    themselves (a compile region's inputs must be tensors that do not alias each other)."""
+    themselves (the compiled layer's inputs; it runs once per layer and step, so it is kept cheap
+    on the host)."""
     out = {}
-    for name in LINEARS:
-        mods = [b.get_submodule(name) for b in blocks]
+    for name, get in _LINEAR_GETTERS:
+        mods = [get(b) for b in blocks]
         out[name] = ([m.weight for m in mods], None if mods[0].bias is None else [m.bias for m in mods])
     return out
 
