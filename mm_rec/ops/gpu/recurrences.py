@@ -2,7 +2,8 @@
 
     short_term_gpu:  h_t = exp(log_a_t) h_{t-1} + x_t          (fla's chunked HGRN kernels)
     long_term_gpu:   M_t = diag(exp(log_alpha_t)) M_{t-1} + k_t^T v_t,  o_t = scale q_t M_t
-                                                                  (fla's chunked GLA kernels)
+                     (fla's chunked GLA kernels; the states at chunk boundaries and their
+                      gradients from our chunk-parallel pass, chunk_states.py)
 
 Why custom ops rather than fla's own autograd Functions:
 - torch.compile sees each op as one opaque node (fla's entry points are `torch.compiler.disable`d,
