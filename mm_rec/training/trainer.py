@@ -36,8 +36,8 @@ from .config import TrainConfig
 from .data import open_training_data
 from .evaluation import evaluate_loss
 from .metrics import MetricsLogger, NullLogger
-from .profiling import StepProfiler
 from .optim import build_optimizer, build_scheduler
+from .profiling import StepProfiler
 from .rundir import find_previous_run, refuse_reuse, set_aside
 from .stages import StageSpec, next_stage
 
