@@ -88,6 +88,98 @@ def test_compile_trains_like_eager(data_dir, tmp_path, scope):
     torch._dynamo.reset()
 
 
+def _count_captures(monkeypatch, on_cpu=True) -> list:
+    """Records the input shape of each graph as it is made; on_cpu: lets --cuda_graph run on the CPU
+    (the same step on the same buffers, uncaptured)."""
+    from mm_rec.training import step_graph, trainer
+    if on_cpu:
+        monkeypatch.setattr(trainer, "GRAPH_DEVICES", ("cuda", "cpu"))
+    keys, capture = [], step_graph.GraphedStep._capture
+    monkeypatch.setattr(step_graph.GraphedStep, "_capture",
+                        lambda self, fn, inputs: keys.append(inputs[0].shape) or capture(self, fn, inputs))
+    return keys
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_cuda_graph_step_trains_like_eager(data_dir, tmp_path, monkeypatch, accum):
+    """--cuda_graph's step (update inside it, lr through tensors, fixed input buffers; warm-up,
+    memory-logging and later steps outside the graph) follows the eager step's losses through
+    Stage 1 and Stage 2's alternating experts (one graph each), with gradient accumulation."""
+    keys = _count_captures(monkeypatch)
+    args = ("--stage", "all", "--max_steps", "8", "--checkpoint_interval", "8", "--eval_interval", "0",
+            "--grad_accum_steps", str(accum), "--memory_log_interval", "5", "--warmup_steps", "2")
+    train(data_dir, tmp_path / "eager", *args)
+    train(data_dir, tmp_path / "graphed", *args, "--cuda_graph")
+    eager, graphed = losses(tmp_path / "eager"), losses(tmp_path / "graphed")
+    assert eager.keys() == graphed.keys() and len(eager) == 24
+    for key, value in eager.items():
+        assert abs(graphed[key] - value) < 1e-6, (key, graphed[key], value)
+    # a graph per stage and expert: stage1, stage2's text and code, stage3
+    assert keys == [(accum, 4, 32)] * 4
+    a = load_checkpoint(tmp_path / "eager" / "checkpoint_stage3_step_8.pt")
+    b = load_checkpoint(tmp_path / "graphed" / "checkpoint_stage3_step_8.pt")
+    for name, tensor in a["model_state_dict"].items():
+        torch.testing.assert_close(b["model_state_dict"][name], tensor, atol=1e-4, rtol=1e-4)
+    # the checkpoint keeps the schedule's float learning rates, not the graph's tensors
+    assert all(isinstance(g["lr"], float) and not g["capturable"]
+               for g in b["optimizer_state_dict"]["param_groups"])
+    rows = read_metrics(tmp_path / "graphed" / "metrics.jsonl", type=None)
+    assert [r["step"] for r in rows if r["type"] == "memory"] == [5] * 3
+
+
+def test_cuda_graph_recovers_from_a_nan_and_recaptures(data_dir, tmp_path, monkeypatch, capsys):
+    """A NaN step under --cuda_graph rolls back like the eager run (skipped on the device, recovered
+    from step 4's checkpoint at half the lr), and the graph is captured again for the restored
+    optimizer."""
+    keys = _count_captures(monkeypatch)
+    monkeypatch.setenv("MMREC_INJECT_NAN_AT_STEP", "5")
+    args = ("--stage", "stage1", "--max_steps", "8", "--checkpoint_interval", "4", "--eval_interval", "0",
+            "--warmup_steps", "0", "--cuda_graph")
+    train(data_dir, tmp_path, *args)
+    assert "recovered from" in capsys.readouterr().out
+    assert len(keys) == 2
+    train_rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["type"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert all(r["lr_scale"] == (0.5 if r["step"] >= 5 else 1.0) for r in train_rows)
+
+
+def test_cuda_graph_refuses_the_cpu(data_dir, tmp_path, capsys):
+    train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "2", "--cuda_graph", "--device", "cpu", expect=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --cuda_graph needs a CUDA device (training runs on cpu); drop the flag"
+    assert "Traceback" not in "\n".join(err) and list(tmp_path.glob("checkpoint_*.pt")) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step(data_dir, tmp_path, monkeypatch):
+    """On CUDA the step is really captured and replayed: Stage 1 and Stage 2's two experts follow
+    the uncaptured run's losses (fp32) and end at the same weights."""
+    keys = _count_captures(monkeypatch, on_cpu=False)
+    args = ("--stage", "stage1", "--max_steps", "8", "--checkpoint_interval", "8", "--eval_interval", "0",
+            "--device", "cuda", "--precision", "fp32")
+    for stage_args in (args, ("--stage", "stage2", *args[2:])):
+        name = stage_args[1]
+        train(data_dir, tmp_path / f"plain_{name}", *stage_args)
+        train(data_dir, tmp_path / f"graphed_{name}", *stage_args, "--cuda_graph")
+        plain, graphed = losses(tmp_path / f"plain_{name}"), losses(tmp_path / f"graphed_{name}")
+        assert plain.keys() == graphed.keys() and len(plain) == 8
+        for key, value in plain.items():
+            assert abs(graphed[key] - value) < 1e-4, (key, graphed[key], value)
+        a = load_checkpoint(tmp_path / f"plain_{name}" / f"checkpoint_{name}_step_8.pt")["model_state_dict"]
+        b = load_checkpoint(tmp_path / f"graphed_{name}" / f"checkpoint_{name}_step_8.pt")["model_state_dict"]
+        for key, tensor in a.items():
+            torch.testing.assert_close(b[key], tensor, atol=1e-3, rtol=1e-3)
+    assert len(keys) == 3  # stage1, stage2's text and code
+
+
+def test_cuda_graph_refuses_fp16(data_dir, tmp_path, monkeypatch, capsys):
+    _count_captures(monkeypatch)
+    train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "2", "--cuda_graph", "--precision", "fp16",
+          expect=2)
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: --cuda_graph cannot capture fp16's loss scaling")
+
+
 def test_profile_step_writes_a_trace_and_a_table_of_three_steps(data_dir, tmp_path):
     """--profile_step 3 profiles steps 3-5: a Chrome trace of exactly three steps' ops and a table
     of the top ops; training itself is unchanged (same losses)."""

@@ -110,7 +110,8 @@ class MMRecBlock(nn.Module):
         u = self.norm(x)
         q, k, v, z, g = self._project(u)
         if torch.is_grad_enabled() and self.recompute_gates:
-            log_gamma, x_in, log_alpha = checkpoint(self._gates, u, k, z, g, use_reentrant=False)
+            log_gamma, x_in, log_alpha = checkpoint(self._gates, u, k, z, g, use_reentrant=False,
+                                                    preserve_rng_state=False)  # no randomness in the gates
         else:
             log_gamma, x_in, log_alpha = self._gates(u, k, z, g)
         h0 = None if state is None else state["h"]

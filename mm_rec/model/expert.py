@@ -22,7 +22,8 @@ class ExpertModule(nn.Module):
         for i, block in enumerate(self.blocks):
             state = None if states is None else states[i]
             if gradient_checkpointing and torch.is_grad_enabled():
-                x, state = checkpoint(block, x, state, use_reentrant=False)
+                x, state = checkpoint(block, x, state, use_reentrant=False,
+                                      preserve_rng_state=block.dropout.p > 0)
             else:
                 x, state = block(x, state)
             new_states.append(state)

@@ -32,7 +32,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.
     # step's activations are still alive), so it runs plainly.
     grad = torch.is_grad_enabled() and h.shape[0] > chunk
     head_loss = head_loss or _head_loss_sum
-    total = sum(checkpoint(head_loss, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False) if grad
+    # No randomness in the head: no RNG state to save (which a captured CUDA graph could not read).
+    total = sum(checkpoint(head_loss, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False,
+                           preserve_rng_state=False) if grad
                 else head_loss(head, h[i:i + chunk], y[i:i + chunk])
                 for i in range(0, h.shape[0], chunk))
     return total / y.numel()

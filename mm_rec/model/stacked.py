@@ -235,8 +235,9 @@ def stacked_experts_forward(experts: list, x: torch.Tensor, states: list | None,
         blocks = [e.blocks[layer] for e in experts]
         layer_states = None if states is None else [s[layer] for s in states]
         if gradient_checkpointing and torch.is_grad_enabled():
+            # The RNG state is saved for dropout only (a captured CUDA graph cannot read it).
             xs, layer_states = checkpoint(stacked_block_forward, blocks, xs, layer_states, block_fn,
-                                          use_reentrant=False)
+                                          use_reentrant=False, preserve_rng_state=blocks[0].dropout.p > 0)
         else:
             xs, layer_states = stacked_block_forward(blocks, xs, layer_states, block_fn)
         for i, s in enumerate(layer_states):

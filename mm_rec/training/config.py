@@ -98,6 +98,9 @@ class TrainConfig:
     compile_scope: str = _opt("layer", "what --compile compiles: layer (one graph serves every layer: compiles in "
                               "seconds) or model (the whole loss: minutes to compile, less host work per step)",
                               str, COMPILE_SCOPES, "hardware")
+    cuda_graph: bool = _flag("capture the whole training step (forward, backward, clipping, AdamW) as one CUDA "
+                             "graph and replay it: no host work per kernel, best for short sequences "
+                             "(CUDA, one process, bf16 or fp32; with --compile its parts run inside it)", "hardware")
 
     # ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -40,11 +40,13 @@ from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
 from .rundir import find_previous_run, refuse_reuse, set_aside
 from .stages import StageSpec, next_stage
+from .step_graph import GraphedStep, autocast_for_graphs, inner_compile_mode
 
 RULE = "=" * 60
 NAN_INJECTION_ENV = "MMREC_INJECT_NAN_AT_STEP"
 GRAD_NORM_WARNING = 10.0
 GRAD_WARNING_EVERY = 50  # steps between two large-gradient warnings
+GRAPH_DEVICES = ("cuda",)  # where --cuda_graph captures (tests add "cpu": the same step, uncaptured)
 
 
 @dataclass
@@ -113,6 +115,9 @@ class Trainer:
         # takes seconds, not minutes, and does not grow with depth.
         self.loss_fn = self.model.loss
         mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        if cfg.cuda_graph:
+            self._check_graphable()
+            mode = inner_compile_mode(mode)  # the compiled parts run inside the step's graph
         if cfg.compile and cfg.compile_scope == "layer":
             self.model.compile_blocks(mode=mode)
         elif cfg.compile:
@@ -132,6 +137,20 @@ class Trainer:
         self._last_grad_warning = -GRAD_WARNING_EVERY
         if self.is_main and self.tokenizer is not None:
             self.tokenizer.save(self.ckpt_dir / "tokenizer.json")
+
+    def _check_graphable(self) -> None:
+        """--cuda_graph's requirements, checked before anything is written."""
+        cfg = self.cfg
+        if self.device.type not in GRAPH_DEVICES:
+            raise UserError(f"--cuda_graph needs a CUDA device (training runs on {self.device}); drop the flag")
+        if self.dist.world_size > 1:
+            raise UserError("--cuda_graph runs in one process; drop it under torchrun (or train on one GPU)")
+        if self.precision == "fp16":
+            raise UserError("--cuda_graph cannot capture fp16's loss scaling (it decides on the host); "
+                            "use --precision bf16")
+        if self.model_config.dropout > 0 and cfg.gradient_checkpointing:
+            raise UserError("--cuda_graph with --gradient_checkpointing needs dropout 0 "
+                            "(recomputing dropout would need the RNG state, which a graph cannot read)")
 
     def _check_output_dir(self) -> None:
         """Refuse a new run in a directory holding another (unless --overwrite), then check that it
@@ -244,6 +263,11 @@ class Trainer:
         # steps. Where the optimizer cannot skip a non-finite update on the device (fp16's
         # GradScaler, a non-fused AdamW), each step is checked before its update instead.
         lagged = bool(optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+        # --cuda_graph: the step, update included, replayed from a graph (one per expert of the
+        # stage); built anew with each optimizer, whose state tensors a graph has captured.
+        new_graphs = lambda opt: (GraphedStep(opt, capture=self.device.type == "cuda")
+                                  if cfg.cuda_graph and lagged else None)
+        graphed = new_graphs(optimizer)
         pending = None  # the step whose numbers are not read yet
         profiler = StepProfiler(cfg.profile_step, self.ckpt_dir, spec.name, self.device, enabled=self.is_main)
         if cfg.profile_step is not None and not start_step <= cfg.profile_step <= spec.max_steps:
@@ -254,7 +278,7 @@ class Trainer:
             while step <= spec.max_steps:
                 profiler.at_step_start(step)
                 t0 = time.perf_counter()
-                loss, grad_norm, lr, memory = self._train_step(spec, step, optimizer)
+                loss, grad_norm, lr, memory, updated = self._train_step(spec, step, optimizer, graphed)
                 record = _StepRecord(step, loss, grad_norm, lr, memory, t0)
                 late, pending = pending, None
                 if late is not None:
@@ -265,13 +289,15 @@ class Trainer:
                         optimizer.zero_grad(set_to_none=True)
                         step, optimizer, scheduler = self._recover(spec, late.step, late.values()[0], optimizer,
                                                                    scheduler, bar)
+                        graphed = new_graphs(optimizer)
                         continue
                 if not lagged and not self._check(record):
                     optimizer.zero_grad(set_to_none=True)
                     step, optimizer, scheduler = self._recover(spec, step, record.values()[0], optimizer,
                                                                scheduler, bar)
                     continue
-                self._optimizer_step(optimizer, loss, grad_norm, skip_on_device=lagged)
+                if not updated:
+                    self._optimizer_step(optimizer, loss, grad_norm, skip_on_device=lagged)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -285,6 +311,7 @@ class Trainer:
                 if not self._read_back(spec, record, losses, bar, checked=not lagged):
                     step, optimizer, scheduler = self._recover(spec, step, record.values()[0], optimizer,
                                                                scheduler, bar)
+                    graphed = new_graphs(optimizer)
                     continue
                 val = self._evaluate(spec, step) if evaluate else None
                 if save:
@@ -342,44 +369,63 @@ class Trainer:
             optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
         optimizer.step()
 
-    def _train_step(self, spec: StageSpec, step: int, optimizer):
-        """Forward and backward of one optimizer step. Returns (loss averaged over ranks and
-        micro-batches, gradient norm before clipping, the step's lr, memory norms or None)."""
+    def _train_step(self, spec: StageSpec, step: int, optimizer, graphed: GraphedStep | None = None):
+        """Forward and backward of one optimizer step; with `graphed` (--cuda_graph) its AdamW
+        update too, the whole step replayed from a CUDA graph. Returns (loss averaged over ranks
+        and micro-batches, gradient norm before clipping, the step's lr, memory norms or None,
+        whether the update is done)."""
         cfg, accum = self.cfg, self.cfg.grad_accum_steps
         kind, expert_type = spec.batch_plan(step)
         interval = cfg.resolved_memory_log_interval()
         want_memory = self.is_main and interval > 0 and step % interval == 0
-        memory = None
-        total = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            # Micro-batches get their own data key, so changing grad_accum_steps changes nothing else.
-            key = (step - 1) * accum + micro + 1
-            x, y = self.data.get_batch(kind, key, spec.batch_size, spec.seq_len, seed=cfg.seed,
-                                       rank=self.dist.rank, world_size=self.dist.world_size, split="train")
-            x, y = self._to_device(x), self._to_device(y)
-            return_memory = want_memory and micro == 0
-            if cfg.compile:  # CUDA graphs (reduce-overhead): a new step, the last one's outputs are free
-                torch.compiler.cudagraph_mark_step_begin()
-            with self._autocast():
-                out = self.loss_fn(x, y, expert_type=expert_type, chunk_size=cfg.chunk_size,
-                                   return_memory=return_memory)
-            loss, states = out if return_memory else (out, None)
-            loss = loss / accum
-            if self._inject_nan(step):
-                loss = loss * float("nan")
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
-            if states is not None:
-                memory = self.hooks["memory_hook"](states, step)
-        D.all_reduce_gradients(self.model, self.dist.world_size)
-        loss = D.all_reduce_mean(total, self.dist.world_size)
-        self.scaler.unscale_(optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_norm)
-        if self.scaler.is_enabled() and torch.isfinite(loss):
-            # fp16: an overflowing gradient is routine; GradScaler skips the step and lowers the scale.
-            grad_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
-        return loss, grad_norm, optimizer.param_groups[0]["lr"], memory
+        inject_nan = self._inject_nan(step)
+        # Micro-batches get their own data key, so changing grad_accum_steps changes nothing else.
+        batches = [self.data.get_batch(kind, (step - 1) * accum + micro + 1, spec.batch_size, spec.seq_len,
+                                       seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+                                       split="train") for micro in range(accum)]
+        xs = self._to_device(torch.stack([x for x, _ in batches]))
+        ys = self._to_device(torch.stack([y for _, y in batches]))
+
+        def forward_backward(xs, ys):
+            total, states = torch.zeros((), device=self.device), None
+            for micro in range(accum):
+                return_memory = want_memory and micro == 0
+                if cfg.compile and graphed is None:  # CUDA graphs (reduce-overhead): the last step's outputs are free
+                    torch.compiler.cudagraph_mark_step_begin()
+                with self._autocast():
+                    out = self.loss_fn(xs[micro], ys[micro], expert_type=expert_type, chunk_size=cfg.chunk_size,
+                                       return_memory=return_memory)
+                loss, micro_states = out if return_memory else (out, None)
+                loss = loss / accum
+                if inject_nan and micro == 0:
+                    loss = loss * float("nan")
+                self.scaler.scale(loss).backward()
+                total += loss.detach()
+                states = micro_states if micro_states is not None else states
+            D.all_reduce_gradients(self.model, self.dist.world_size)
+            loss = D.all_reduce_mean(total, self.dist.world_size)
+            self.scaler.unscale_(optimizer)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_norm)
+            if self.scaler.is_enabled() and torch.isfinite(loss):
+                # fp16: an overflowing gradient is routine; GradScaler skips the step and lowers the scale.
+                grad_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
+            return loss, grad_norm, states
+
+        def whole_step(xs, ys):  # --cuda_graph: the update belongs to the captured step
+            loss, grad_norm, states = forward_backward(xs, ys)
+            self._optimizer_step(optimizer, loss, grad_norm, skip_on_device=True)
+            return loss, grad_norm, states
+
+        lr, states = optimizer.param_groups[0]["lr"], None
+        if graphed is None:
+            loss, grad_norm, states = forward_backward(xs, ys)
+        elif want_memory or inject_nan:  # steps unlike the others run uncaptured
+            loss, grad_norm, states = whole_step(xs, ys)
+        else:
+            loss, grad_norm = graphed((kind, expert_type), lambda x, y: whole_step(x, y)[:2], xs, ys)
+        memory = self.hooks["memory_hook"](states, step) if states is not None else None
+        return loss, grad_norm, lr, memory, graphed is not None
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         """A CPU batch onto the device without waiting: a copy from pageable memory to a GPU
@@ -398,6 +444,8 @@ class Trainer:
         return True
 
     def _autocast(self):
+        if self.cfg.cuda_graph:  # no weight-cast cache: a captured step would keep stale casts
+            return autocast_for_graphs(self.device.type, self.autocast_dtype)
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
