@@ -7,9 +7,13 @@ autocast) of
   mmrec-gpu-compiled   the same with its layer compiled (model.compile_blocks, what train_modular
                        --compile does; --compile-mode, CUDA graphs by default)
   mmrec-gpu-compiled-whole  the same with the whole loss under torch.compile instead (--compile_scope model)
+  mmrec-gpu-graphed    the layer compiled (no CUDA graphs of its own) and the whole step, AdamW
+                       included, captured as one CUDA graph and replayed (train_modular --compile
+                       --cuda_graph; mm_rec/training/step_graph.py)
   mmrec-pytorch        MM-Rec on the pure-PyTorch path (use_kernel_fusion=False), eager
   transformer          the equal-parameter Transformer (benchmarks/baselines/transformer.py), eager
   transformer-compiled the same under torch.compile
+  transformer-graphed  the same compiled (no CUDA graphs of its own), the whole step one CUDA graph
   fla-gla              flash-linear-attention's GLAForCausalLM of similar size (if it imports:
                        fla.models ships in the flash-linear-attention wheel, not in fla-core)
 Variants are interleaved: every repeat times each variant in turn; the table reports medians.
@@ -39,8 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_BF16 = 989e12
-VARIANTS = ("mmrec-gpu", "mmrec-gpu-compiled", "mmrec-gpu-compiled-whole", "mmrec-pytorch", "transformer",
-            "transformer-compiled", "fla-gla")
+VARIANTS = ("mmrec-gpu", "mmrec-gpu-compiled", "mmrec-gpu-compiled-whole", "mmrec-gpu-graphed", "mmrec-pytorch",
+            "transformer", "transformer-compiled", "transformer-graphed", "fla-gla")
 # name -> (batch, seq_len, expert_type, fusion). Stage shapes follow the guide's stages: stage 2
 # trains one expert per step (alternating), stage 3 has fusion on.
 SHAPES = {
@@ -140,21 +144,39 @@ def make_step(model, variant, compile_mode):
         def loss_fn(x, y, expert_type):
             return model.loss(x, y, expert_type=expert_type)
 
+    from mm_rec.training.step_graph import GraphedStep, inner_compile_mode
+    graphed = "graphed" in variant
     mode = None if compile_mode == "default" else compile_mode
-    if variant == "mmrec-gpu-compiled":  # the layer, once for all layers (as train_modular --compile)
+    if graphed:  # the compiled parts run inside the step's graph: no CUDA graphs of their own
+        mode = inner_compile_mode(mode)
+    if variant in ("mmrec-gpu-compiled", "mmrec-gpu-graphed"):  # the layer, once for all layers
         model.compile_blocks(mode=mode)
-    elif "compiled" in variant:          # the whole loss: model, LM head, cross-entropy
+    elif "compiled" in variant or graphed:  # the whole loss: model, LM head, cross-entropy
         loss_fn = torch.compile(loss_fn, mode=mode)
 
     compiled = "compiled" in variant
 
-    def step(x, y, expert_type):
-        if compiled:  # as train_modular: a new step begins (CUDA graphs may reuse the last one's memory)
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def whole_step(x, y, expert_type):  # forward, backward, AdamW (as train_modular's step)
+        # (no autocast weight cache when captured: a graph would keep stale casts)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
             loss = loss_fn(x, y, expert_type)
         loss.backward()
         opt.step()
+        return loss.detach()
+
+    if graphed:
+        graph = GraphedStep(opt)
+
+        def step(x, y, expert_type):  # one graph per expert (Stage 2 alternates)
+            loss, = graph(expert_type, lambda a, b: (whole_step(a, b, expert_type),), x, y)
+            opt.zero_grad(set_to_none=True)
+            return loss
+        return step, opt
+
+    def step(x, y, expert_type):
+        if compiled:  # as train_modular: a new step begins (CUDA graphs may reuse the last one's memory)
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = whole_step(x, y, expert_type)
         opt.zero_grad(set_to_none=True)
         return loss
     return step, opt
@@ -253,7 +275,8 @@ def main(argv=None):
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                run(v, args.warmup)
+                # a graphed variant captures after 2 eager steps per expert: all before the timing
+                run(v, max(args.warmup, 3 * len(experts)) if "graphed" in v else args.warmup)
                 torch.cuda.synchronize()
                 own = state_bytes(models[v], opts[v])
                 peaks[v] = torch.cuda.max_memory_allocated() - base + own
@@ -314,22 +337,22 @@ def write_json(args, props, torch, ceiling, results):
 
 
 def print_table(results):
-    base = {(r["shape"]): r["tokens_per_s"] for r in results
-            if r["variant"] == "transformer-compiled" and "tokens_per_s" in r}
-    base_e = {(r["shape"]): r["tokens_per_s"] for r in results
-              if r["variant"] == "transformer" and "tokens_per_s" in r}
-    print(f"\n{'shape':9s} {'BxT':>8s} {'variant':22s} {'tok/s':>9s} {'ms/step':>8s} {'TFLOP/s':>8s} "
-          f"{'MFU':>6s} {'MFU*':>6s} {'peak GiB':>8s} {'vs T-eager':>10s} {'vs T-comp':>9s}")
+    def rates(variant):
+        return {r["shape"]: r["tokens_per_s"] for r in results if r["variant"] == variant and "tokens_per_s" in r}
+    base_e, base_c, base_g = rates("transformer"), rates("transformer-compiled"), rates("transformer-graphed")
+    print(f"\n{'shape':9s} {'BxT':>8s} {'variant':24s} {'tok/s':>9s} {'ms/step':>8s} {'TFLOP/s':>8s} "
+          f"{'MFU':>6s} {'MFU*':>6s} {'peak GiB':>8s} {'vs T-eager':>10s} {'vs T-comp':>9s} {'vs T-graph':>10s}")
     for r in results:
         bt = f"{r['batch']}x{r['seq_len']}"
         if "error" in r:
-            print(f"{r['shape']:9s} {bt:>8s} {r['variant']:22s} {r['error']}")
+            print(f"{r['shape']:9s} {bt:>8s} {r['variant']:24s} {r['error']}")
             continue
         rel = lambda d: f"{r['tokens_per_s'] / d[r['shape']]:.2f}" if r["shape"] in d else "-"
-        print(f"{r['shape']:9s} {bt:>8s} {r['variant']:22s} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
+        print(f"{r['shape']:9s} {bt:>8s} {r['variant']:24s} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
               f"{r['tflops']:8.1f} {r['mfu_peak'] * 100:5.1f}% {r['mfu_measured'] * 100:5.1f}% "
-              f"{r['peak_mem_gib']:8.1f} {rel(base_e):>10s} {rel(base):>9s}")
-    print("MFU: against 989 TFLOP/s; MFU*: against the measured matmul ceiling.")
+              f"{r['peak_mem_gib']:8.1f} {rel(base_e):>10s} {rel(base_c):>9s} {rel(base_g):>10s}")
+    print("MFU: against 989 TFLOP/s; MFU*: against the measured matmul ceiling. "
+          "T-eager / T-comp / T-graph: the Transformer eager, compiled, compiled with the step graphed.")
 
 
 def profile(spec, models, steps, dev):

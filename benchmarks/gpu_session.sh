@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh tests bench        # GPU tests, training-step benchmark
 #   bash benchmarks/gpu_session.sh decode train ddp   # decode latency, real runs, 2-GPU DDP
 #   bash benchmarks/gpu_session.sh train_compiled     # the real run with --compile_mode reduce-overhead
+#   bash benchmarks/gpu_session.sh train_graphed      # the real run with --compile --cuda_graph
 #   bash benchmarks/gpu_session.sh ops sweep          # the recurrences alone; fla launch configs
 # A call returns at most 8 files from $OUT: PACK_LOGS=NAME.tgz packs the logs into one at the end.
 set -u
@@ -34,7 +35,8 @@ if has tests; then
   # the batch's copy from pinned memory
   SKIP_TEST="tests/test_train.py::test_a_non_finite_step_changes_nothing_on_the_device
              tests/test_train.py::test_a_step_record_reads_back_its_own_values
-             tests/test_train.py::test_a_batch_goes_to_the_gpu_through_pinned_memory"
+             tests/test_train.py::test_a_batch_goes_to_the_gpu_through_pinned_memory
+             tests/test_train.py::test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step"
   gpu_tests() {  # gpu_tests NAME DEVICE -k EXPR
     CUDA_VISIBLE_DEVICES=$2 timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/test_gpu_ops.py -q -s \
         -p no:cacheprovider --durations=0 "${@:3}" > "$OUT/$1.log" 2>&1
@@ -86,6 +88,10 @@ fi
 if has train_compiled; then  # the same single-GPU run with the compiled (CUDA-graphed) step
   train single_compiled 1 4,2,4 --compile --compile_mode reduce-overhead
   python3 benchmarks/compare_runs.py $RUNS/single_compiled --json "$OUT/train_single_compiled.json"
+fi
+if has train_graphed; then  # the whole step one CUDA graph, the layer compiled inside it
+  train single_graphed 1 4,2,4 --compile --cuda_graph
+  python3 benchmarks/compare_runs.py $RUNS/single_graphed --json "$OUT/train_single_graphed.json"
 fi
 if has ddp; then
   train ddp2_same_global 2 2,1,2       # the same global batch as "single": losses must agree
