@@ -96,7 +96,7 @@ def _count_captures(monkeypatch, on_cpu=True) -> list:
         monkeypatch.setattr(trainer, "GRAPH_DEVICES", ("cuda", "cpu"))
     keys, capture = [], step_graph.GraphedStep._capture
     monkeypatch.setattr(step_graph.GraphedStep, "_capture",
-                        lambda self, fn, inputs: keys.append(inputs[0].shape) or capture(self, fn, inputs))
+                        lambda self, entry, fn: keys.append(entry.inputs[0].shape) or capture(self, entry, fn))
     return keys
 
 

@@ -27,17 +27,18 @@ same buffers and learning-rate tensors are used and step_fn runs directly.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 
 @dataclass
-class _Captured:
-    graph: "torch.cuda.CUDAGraph | None"
-    inputs: tuple
-    outputs: tuple
+class _Entry:
+    inputs: tuple                                   # the buffers every call of the key runs on
+    calls: int = 0
+    captured: bool = False                          # past warm-up (with capture=False: run directly)
+    graph: "torch.cuda.CUDAGraph | None" = None
+    outputs: tuple = ()
 
 
 class GraphedStep:
@@ -46,8 +47,7 @@ class GraphedStep:
             raise ValueError("warmup must be at least 1: capture needs the optimizer's state to exist")
         self.optimizer = optimizer
         self.warmup, self.capture = warmup, capture
-        self._calls: Counter = Counter()
-        self._graphs: dict = {}
+        self._entries: dict = {}
         self._pool = None
         first = optimizer.param_groups[0]["params"][0]
         # One per param group, on the device, in the update's own precision (fp32; fp64 for fp64
@@ -58,20 +58,25 @@ class GraphedStep:
     @property
     def captured(self) -> int:
         """How many graphs have been captured (one per key)."""
-        return len(self._graphs)
+        return sum(e.captured for e in self._entries.values())
 
     def __call__(self, key, step_fn, *inputs: torch.Tensor) -> tuple:
-        entry = self._graphs.get(key)
+        entry = self._entries.get(key)
         if entry is None:
-            self._calls[key] += 1
-            if self._calls[key] <= self.warmup:
-                return self._eager(step_fn, inputs)
-            entry = self._graphs[key] = self._capture(step_fn, inputs)
+            # Made outside any graph's pool, with the inputs' strides: warm-up, capture and replays
+            # all run on these same tensors, so a compiled part sees no new input to recompile for.
+            entry = self._entries[key] = _Entry(tuple(
+                torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device) for x in inputs))
         for buffer, x in zip(entry.inputs, inputs):
             buffer.copy_(x, non_blocking=True)
+        entry.calls += 1
+        if entry.calls <= self.warmup:
+            return self._eager(step_fn, entry.inputs)
+        if not entry.captured:
+            self._capture(entry, step_fn)
         for lr, group in zip(self._lrs, self.optimizer.param_groups):
             lr.fill_(group["lr"])
-        if entry.graph is None:
+        if entry.graph is None:  # capture=False: the same step on the same buffers, run directly
             with self._update_reads_tensors():
                 return tuple(step_fn(*entry.inputs))
         entry.graph.replay()
@@ -89,18 +94,18 @@ class GraphedStep:
         current.wait_stream(stream)
         return outputs
 
-    def _capture(self, step_fn, inputs) -> _Captured:
-        buffers = tuple(x.clone() for x in inputs)  # outside the graph's pool: they live on
+    def _capture(self, entry: _Entry, step_fn) -> None:
+        entry.captured = True
         if not self.capture:
-            return _Captured(None, buffers, ())
+            return
         # The graph's own gradients: backward assigns them (no accumulation into stale ones).
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with self._update_reads_tensors(capturable=True), torch.cuda.graph(graph, pool=self._pool):
-            outputs = tuple(step_fn(*buffers))
+            outputs = tuple(step_fn(*entry.inputs))
         if self._pool is None:
             self._pool = graph.pool()
-        return _Captured(graph, buffers, outputs)
+        entry.graph, entry.outputs = graph, outputs
 
     @contextlib.contextmanager
     def _update_reads_tensors(self, capturable: bool = False):
