@@ -210,3 +210,28 @@ def test_compiled_loss_on_gpu_matches_eager(expert_type, scope):
             assert rel(g, ref_grads[n]) <= 2 * rel(eager_grads[n], ref_grads[n]) + 0.02, n
     torch._dynamo.reset()
 
+
+
+def test_a_model_compiled_in_a_fresh_process_runs_the_kernels():
+    """compile_blocks imports the kernels before tracing: in a process that never touched them
+    (as train_modular --compile starts), the compiled step's GPU work includes the recurrence
+    kernels, not the PyTorch chunked ops (an import inside the traced region cannot happen)."""
+    import subprocess
+    import sys
+    code = """
+import sys, torch
+from mm_rec.model import MMRec100M, MMRecConfig
+assert "mm_rec.ops.gpu" not in sys.modules
+model = MMRec100M(config=MMRecConfig(vocab_size=256, expert_dim=64, num_layers=2, num_heads=2, ffn_dim=128)).cuda()
+model.compile_blocks()
+x = torch.randint(0, 256, (2, 128), device="cuda")
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model.loss(x, x).backward()
+    torch.cuda.synchronize()
+names = {e.key for e in prof.key_averages()}
+print("kernels:", sorted(n for n in names if "gla" in n or "scan" in n))
+assert any("gla" in n for n in names) and any("diag_scan" in n for n in names), sorted(names)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

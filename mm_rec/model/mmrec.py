@@ -66,8 +66,11 @@ class MMRec100M(nn.Module):
         time does not grow with depth. loss() also compiles its LM head and cross-entropy (per
         chunk); the embedding and the fusion layer stay eager (a few ops). Applies to the fused path
         (use_kernel_fusion, the default). Returns self."""
+        from ..ops import load_gpu_backend
         from .loss import _head_loss_sum
         from .stacked import _stacked_block
+        # The kernels are imported before tracing: the traced recurrences call them, not PyTorch's.
+        load_gpu_backend()
         self._block_fn = torch.compile(_stacked_block, mode=mode, fullgraph=True, **compile_kwargs)
         # The LM head and loss per chunk: compiled too (no CUDA graphs: a few large kernels), so the
         # fp32 cast, log-softmax and gather are fused rather than the chunk's fp32 logits written out.

@@ -37,15 +37,24 @@ def register_gpu_backend(name: str, short_term=None, long_term=None) -> None:
     _GPU_BACKENDS[name] = {"short_term": short_term, "long_term": long_term}
 
 
-def _gpu_impl(kind: str, tensor: torch.Tensor, allow_kernels: bool):
-    # The kernels compute in fp32 (bf16 activations); float64 stays on the exact PyTorch path.
-    if not (allow_kernels and tensor.is_cuda) or tensor.dtype == torch.float64:
-        return None
+def load_gpu_backend() -> bool:
+    """Import the GPU kernels now (if CUDA, Triton and fla-core are there). True if a backend is
+    registered. Call it before torch.compile traces the model: an import cannot happen inside a
+    compiled region, where the first recurrence call would otherwise fall back to PyTorch."""
     if not _GPU_BACKENDS:
         try:  # optional: only present with the GPU extra installed
             from . import gpu  # noqa: F401
         except Exception:
-            return None
+            return False
+    return bool(_GPU_BACKENDS)
+
+
+def _gpu_impl(kind: str, tensor: torch.Tensor, allow_kernels: bool):
+    # The kernels compute in fp32 (bf16 activations); float64 stays on the exact PyTorch path.
+    if not (allow_kernels and tensor.is_cuda) or tensor.dtype == torch.float64:
+        return None
+    if not _GPU_BACKENDS and not (torch.compiler.is_compiling() or load_gpu_backend()):
+        return None
     for impls in _GPU_BACKENDS.values():
         if impls.get(kind) is not None:
             return impls[kind]
@@ -73,5 +82,5 @@ def long_term_memory(q, k, v, log_alpha, M0=None, scale=None, chunk_size: int = 
 
 __all__ = [
     "short_term_naive", "short_term_chunked", "long_term_naive", "long_term_chunked",
-    "short_term_memory", "long_term_memory", "register_gpu_backend", "reference_mode",
+    "short_term_memory", "long_term_memory", "register_gpu_backend", "load_gpu_backend", "reference_mode",
 ]

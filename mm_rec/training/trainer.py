@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..model.config import MMRecConfig
 from ..model.mmrec import MMRec100M
+from ..ops import load_gpu_backend
 from ..utils.errors import UserError
 from ..utils.device import resolve_device
 from . import distributed as D
@@ -114,6 +115,8 @@ class Trainer:
         # layer, not the whole model: one graph for every layer of both experts, so compilation
         # takes seconds, not minutes, and does not grow with depth.
         self.loss_fn = self.model.loss
+        if self.device.type == "cuda":  # the recurrence kernels, imported before anything is traced
+            load_gpu_backend()
         mode = None if cfg.compile_mode == "default" else cfg.compile_mode
         if cfg.cuda_graph:
             self._check_graphable()
