@@ -73,6 +73,18 @@ def test_a_replay_reads_new_inputs_and_keys_keep_their_own_graphs():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_inputs_of_another_shape_get_their_own_warmup_and_graph():
+    model, opt = _model_and_optimizer("cpu")
+    graphed = GraphedStep(opt, warmup=1, capture=False)
+    step = lambda a, b: _step(model, opt, a, b)
+    for T in (8, 8, 16, 16, 8):
+        x = torch.randint(0, 50, (2, T))
+        loss, _ = graphed("key", step, x, x)
+        opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss)
+    assert graphed.captured == 2
+
+
 def test_compiled_parts_inside_a_graph_have_no_cuda_graphs_of_their_own():
     assert inner_compile_mode("reduce-overhead") is None
     assert inner_compile_mode("max-autotune") == "max-autotune-no-cudagraphs"

@@ -61,6 +61,8 @@ class GraphedStep:
         return sum(e.captured for e in self._entries.values())
 
     def __call__(self, key, step_fn, *inputs: torch.Tensor) -> tuple:
+        # Inputs of another shape, dtype or layout get a graph of their own (its own warm-up too).
+        key = (key, *((x.shape, x.stride(), x.dtype) for x in inputs))
         entry = self._entries.get(key)
         if entry is None:
             # Made outside any graph's pool, with the inputs' strides: warm-up, capture and replays
