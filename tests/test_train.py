@@ -289,10 +289,10 @@ def test_kill_and_resume_gives_the_uninterrupted_losses_bitwise(data_dir, tmp_pa
     from mm_rec.training.trainer import Trainer
     original = Trainer._train_step
 
-    def killed_at_step_5(self, spec, step, optimizer):
+    def killed_at_step_5(self, spec, step, *args):
         if step == 5:
             raise KeyboardInterrupt  # Ctrl-C in the middle of step 5
-        return original(self, spec, step, optimizer)
+        return original(self, spec, step, *args)
 
     monkeypatch.setattr(Trainer, "_train_step", killed_at_step_5)
     train(data_dir, broken, *run, expect=130)
@@ -485,7 +485,7 @@ def test_a_step_is_read_back_after_the_next_step_is_queued(data_dir, tmp_path, m
     events = []
     train_step, read_back = Trainer._train_step, Trainer._read_back
     monkeypatch.setattr(Trainer, "_train_step",
-                        lambda self, spec, step, opt: events.append(("run", step)) or train_step(self, spec, step, opt))
+                        lambda self, spec, step, *a: events.append(("run", step)) or train_step(self, spec, step, *a))
     monkeypatch.setattr(Trainer, "_read_back",
                         lambda self, spec, rec, *a, **k: events.append(("read", rec.step)) or read_back(self, spec, rec, *a, **k))
     train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "6", "--checkpoint_interval", "3",
