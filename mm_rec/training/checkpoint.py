@@ -7,13 +7,15 @@ train_args, rng (torch CPU/CUDA RNG states), data_position and stage_completed.
 
 Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
 final name: a crash mid-save leaves the previous checkpoints untouched and no partial file under a
-final name.
+final name. The trainer writes them in the background (CheckpointWriter): a save costs the training
+loop only a copy of the state into host memory, and the file is written while training goes on.
 """
 from __future__ import annotations
 
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -46,6 +48,79 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
             pass
         raise
     return path
+
+
+def snapshot_to_cpu(state):
+    """A copy of `state` whose tensors are on the CPU and owned by the copy (containers rebuilt,
+    other values shared: they are immutable), so that training can change the originals while the
+    copy is written. GPU tensors go through pinned memory without waiting; call
+    torch.cuda.synchronize() before reading the copy."""
+    if isinstance(state, torch.Tensor):
+        if state.device.type == "cpu":
+            return state.detach().clone()
+        out = torch.empty_like(state, device="cpu", pin_memory=True)
+        return out.copy_(state.detach(), non_blocking=True)
+    if isinstance(state, dict):
+        return {k: snapshot_to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot_to_cpu(v) for v in state)
+    return state
+
+
+class CheckpointWriter:
+    """Writes checkpoints one at a time in a background thread.
+
+    save(state, path, done) snapshots `state` to host memory (the only cost to the training loop:
+    a device-to-host copy), waits for the previous write if one is still going, and writes the
+    file atomically (save_checkpoint) in a thread, then calls done(path) there. A failed write is
+    raised as a UserError by the next check(), save() or wait(); earlier checkpoints stay intact.
+    """
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: tuple | None = None
+
+    def save(self, state: dict, path: str | os.PathLike, done=None) -> None:
+        self.wait()
+        snapshot = snapshot_to_cpu(state)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the pinned copies are complete
+        if not self.background:
+            self._write(snapshot, Path(path), done)
+            self.check()
+            return
+        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path), done),
+                                        name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, snapshot: dict, path: Path, done) -> None:
+        try:
+            save_checkpoint(snapshot, path)
+            if done is not None:
+                done(path)
+        except OSError as e:
+            self._error = (path, e.strerror or str(e))
+        except BaseException as e:  # noqa: BLE001 - reported on the training thread
+            self._error = (path, f"{type(e).__name__}: {e}")
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def check(self) -> None:
+        """Raise the failure of the last write, if it failed."""
+        if self._error is not None:
+            path, reason = self._error
+            self._error = None
+            raise UserError(f"could not write checkpoint {path}: {reason}; earlier checkpoints are intact")
+
+    def wait(self) -> None:
+        """Block until the write in progress (if any) is on disk; raise if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.check()
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

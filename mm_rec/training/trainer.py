@@ -31,8 +31,8 @@ from ..ops import load_gpu_backend
 from ..utils.errors import UserError
 from ..utils.device import resolve_device
 from . import distributed as D
-from .checkpoint import (STAGE_ORDER, checkpoint_name, load_checkpoint, prune_checkpoints, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (STAGE_ORDER, CheckpointWriter, checkpoint_name, load_checkpoint, prune_checkpoints,
+                         rng_state, set_rng_state)
 from .config import TrainConfig
 from .data import open_training_data
 from .evaluation import evaluate_loss
@@ -92,6 +92,8 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist.is_main
         self.ckpt_dir = Path(cfg.checkpoint_dir)
+        # Checkpoints are written in the background (rank 0): the loop pays only the copy to host memory.
+        self.checkpoints = CheckpointWriter()
         # Checked on rank 0 before anything is written; every rank stops with the same line.
         self._on_main(self._check_output_dir)
 
@@ -197,7 +199,10 @@ class Trainer:
             for name, state in self.plan:
                 self.train_stage(self.cfg.stage_spec(name), state)
         finally:
-            self.log.close()
+            try:  # a checkpoint being written is finished, whatever stopped the run
+                self.checkpoints.wait()
+            finally:
+                self.log.close()
             self._restore_monitor_logs()
             D.shutdown_distributed()
 
@@ -279,6 +284,7 @@ class Trainer:
         step = start_step
         try:
             while step <= spec.max_steps:
+                self.checkpoints.check()  # a background write that failed stops the run here
                 profiler.at_step_start(step)
                 t0 = time.perf_counter()
                 loss, grad_norm, lr, memory, updated = self._train_step(spec, step, optimizer, graphed)
@@ -328,6 +334,7 @@ class Trainer:
                 except Exception:  # the device itself failing: the error on its way out says why
                     pass
             bar.close()
+        self.checkpoints.wait()  # the stage's last checkpoint is on disk before it is called complete
         if self.is_main:
             self.log.plot_stage(spec.name)
         self.print(f"✅ Stage {spec.name} training completed!")
@@ -462,6 +469,7 @@ class Trainer:
         recovery = self.hooks["recovery"]
         what = "loss" if not math.isfinite(float(loss)) else "gradient norm"
         used_up = recovery.attempts >= recovery.max_attempts
+        self.checkpoints.wait()  # the newest checkpoint may still be being written
         D.barrier()  # rank 0 may still be writing a checkpoint
         ok, path = recovery.recover(self.model, optimizer, scheduler)
         if not ok:
@@ -552,13 +560,12 @@ class Trainer:
             }
             if self.scaler.is_enabled():
                 state["scaler_state_dict"] = self.scaler.state_dict()
-            try:
-                save_checkpoint(state, path)
-            except OSError as e:
-                raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; "
-                                f"earlier checkpoints are intact") from None
-            self.print(f"💾 Checkpoint saved: {_display(path)}")
-            prune_checkpoints(self.ckpt_dir, spec.name, self.cfg.keep_last)
+            keep_last = self.cfg.keep_last
+
+            def written(path):  # in the writer thread, once the file is complete
+                self.print(f"💾 Checkpoint saved: {_display(path)}")
+                prune_checkpoints(self.ckpt_dir, spec.name, keep_last)
+            self.checkpoints.save(state, path, written)
         D.barrier()
 
 
