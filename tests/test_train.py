@@ -151,12 +151,14 @@ def test_cuda_graph_refuses_the_cpu(data_dir, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("--gradient_checkpointing", "--compile")])
+def test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step(data_dir, tmp_path, monkeypatch, extra):
     """On CUDA the step is really captured and replayed: Stage 1 and Stage 2's two experts follow
-    the uncaptured run's losses (fp32) and end at the same weights."""
+    the uncaptured run's losses (fp32) and end at the same weights; also with activation
+    checkpointing (recomputation inside the graph) and the compiled layer."""
     keys = _count_captures(monkeypatch, on_cpu=False)
     args = ("--stage", "stage1", "--max_steps", "8", "--checkpoint_interval", "8", "--eval_interval", "0",
-            "--device", "cuda", "--precision", "fp32")
+            "--device", "cuda", "--precision", "fp32", *extra)
     for stage_args in (args, ("--stage", "stage2", *args[2:])):
         name = stage_args[1]
         train(data_dir, tmp_path / f"plain_{name}", *stage_args)
