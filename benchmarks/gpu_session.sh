@@ -36,7 +36,8 @@ if has tests; then
   SKIP_TEST="tests/test_train.py::test_a_non_finite_step_changes_nothing_on_the_device
              tests/test_train.py::test_a_step_record_reads_back_its_own_values
              tests/test_train.py::test_a_batch_goes_to_the_gpu_through_pinned_memory
-             tests/test_train.py::test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step"
+             tests/test_train.py::test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step
+             tests/test_step_graph.py tests/test_checkpoint.py"
   gpu_tests() {  # gpu_tests NAME DEVICE -k EXPR
     CUDA_VISIBLE_DEVICES=$2 timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/test_gpu_ops.py -q -s \
         -p no:cacheprovider --durations=0 "${@:3}" > "$OUT/$1.log" 2>&1

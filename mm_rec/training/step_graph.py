@@ -7,11 +7,12 @@ forward, backward, gradient clipping and fused AdamW update replay with one laun
     graphed = GraphedStep(optimizer)
     loss, grad_norm = graphed(key, step_fn, x, y)   # step_fn(x, y) -> tensors; does the whole step
 
-Per key (one graph per stage shape and expert): the first `warmup` calls run step_fn eagerly (they
-compile, autotune and create the optimizer's state); the next captures it and replays it; later
-calls copy their inputs into the graph's buffers and replay. What a captured step needs:
-- its inputs in fixed buffers (copied in before each replay) and its outputs in fixed tensors
-  (overwritten by the next replay: the caller copies what it keeps);
+Per key and input shapes (the trainer keys by expert, one GraphedStep per stage and optimizer):
+the first `warmup` calls run step_fn eagerly (they compile, autotune and create the optimizer's
+state); the next captures it and replays it; later calls replay. What a captured step needs:
+- its inputs in fixed buffers (every call copies its inputs in, warm-up included, so a compiled
+  part never sees new strides) and its outputs in fixed tensors (overwritten by the next replay:
+  the caller copies what it keeps);
 - no host synchronisation and no decision taken on the host from device values (the trainer's step
   has none: a non-finite step is skipped on the device, through fused AdamW's found_inf);
 - the learning rate as a device tensor: the scheduler keeps writing floats into the param groups,
