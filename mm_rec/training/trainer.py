@@ -94,10 +94,12 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint_dir)
         # Checkpoints are written in the background (rank 0): the loop pays only the copy to host memory.
         self.checkpoints = CheckpointWriter()
+        self.model_config: MMRecConfig = cfg.model_config()
+        if cfg.cuda_graph:
+            self._check_graphable()
         # Checked on rank 0 before anything is written; every rank stops with the same line.
         self._on_main(self._check_output_dir)
 
-        self.model_config: MMRecConfig = cfg.model_config()
         self.resume_state = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
         if self.resume_state is not None:
             _check_same_model(self.resume_state, self.model_config, cfg.resume_from)
@@ -121,7 +123,6 @@ class Trainer:
             load_gpu_backend()
         mode = None if cfg.compile_mode == "default" else cfg.compile_mode
         if cfg.cuda_graph:
-            self._check_graphable()
             mode = inner_compile_mode(mode)  # the compiled parts run inside the step's graph
         if cfg.compile and cfg.compile_scope == "layer":
             self.model.compile_blocks(mode=mode)
