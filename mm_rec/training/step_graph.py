@@ -127,16 +127,9 @@ class GraphedStep:
                 g["lr"], g["capturable"] = lr, cap
 
 
-def autocast_for_graphs(device_type: str, dtype: torch.dtype | None):
-    """autocast as a captured step needs it: without the weight-cast cache."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
-
-
 def inner_compile_mode(mode: str | None) -> str | None:
     """The torch.compile mode for code that runs inside a captured step: its own CUDA graphs off."""
     return {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
 
 
-__all__ = ["GraphedStep", "autocast_for_graphs", "inner_compile_mode"]
+__all__ = ["GraphedStep", "inner_compile_mode"]

@@ -41,7 +41,7 @@ from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
 from .rundir import find_previous_run, refuse_reuse, set_aside
 from .stages import StageSpec, next_stage
-from .step_graph import GraphedStep, autocast_for_graphs, inner_compile_mode
+from .step_graph import GraphedStep, inner_compile_mode
 
 RULE = "=" * 60
 NAN_INJECTION_ENV = "MMREC_INJECT_NAN_AT_STEP"
@@ -455,11 +455,10 @@ class Trainer:
         return True
 
     def _autocast(self):
-        if self.cfg.cuda_graph:  # no weight-cast cache: a captured step would keep stale casts
-            return autocast_for_graphs(self.device.type, self.autocast_dtype)
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # No weight-cast cache under --cuda_graph: a captured step would keep stale casts.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=not self.cfg.cuda_graph)
 
     # -- recovery --------------------------------------------------------------------------------
     def _recover(self, spec, step, loss, optimizer, scheduler, bar):
