@@ -14,6 +14,9 @@ autocast) of
   transformer          the equal-parameter Transformer (benchmarks/baselines/transformer.py), eager
   transformer-compiled the same under torch.compile
   transformer-graphed  the same compiled (no CUDA graphs of its own), the whole step one CUDA graph
+  ffn-only-graphed     the floor: the Transformer's blocks without their mixer (FFN only) at MM-Rec's
+                       FFN width, i.e. an MM-Rec step minus its mixer, treated as transformer-graphed.
+                       Transformer / floor is the highest "vs T-graph" any mixer could reach
   fla-gla              flash-linear-attention's GLAForCausalLM of similar size (if it imports:
                        fla.models ships in the flash-linear-attention wheel, not in fla-core)
 Variants are interleaved: every repeat times each variant in turn; the table reports medians.
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_BF16 = 989e12
 VARIANTS = ("mmrec-gpu", "mmrec-gpu-compiled", "mmrec-gpu-compiled-whole", "mmrec-gpu-graphed", "mmrec-pytorch",
-            "transformer", "transformer-compiled", "transformer-graphed", "fla-gla")
+            "transformer", "transformer-compiled", "transformer-graphed", "ffn-only-graphed", "fla-gla")
 # name -> (batch, seq_len, expert_type, fusion). Stage shapes follow the guide's stages: stage 2
 # trains one expert per step (alternating), stage 3 has fusion on.
 SHAPES = {
@@ -73,6 +76,7 @@ def parse_args(argv=None):
                    help="skip mmrec-pytorch above this many tokens per step (it is slow)")
     p.add_argument("--profile", default=None,
                    help="SHAPE:VARIANT[,SHAPE:VARIANT...] to profile one step of with torch.profiler")
+    p.add_argument("--profile-rows", type=int, default=25, help="kernels listed per profile")
     p.add_argument("--out", default="bench_train.json", help="JSON results file")
     return p.parse_args(argv)
 
@@ -96,6 +100,8 @@ def build(variant, device):
         with torch.device("meta"):
             target = MMRec100M(config=cfg).get_num_params()
         model = TransformerBaseline(cfg, matched_ffn_dim(cfg, target)).to(device)
+    elif variant == "ffn-only-graphed":
+        model = TransformerBaseline(cfg, cfg.ffn_dim, mixer=False).to(device)
     elif variant == "fla-gla":
         from fla.models import GLAConfig, GLAForCausalLM
         # A single stack of 2d = 512 channels (the width of MM-Rec's head), depth chosen for ~94M.
@@ -129,6 +135,8 @@ def mixer_flops_per_token(variant, T, expert_type, model):
     d, H, Dh = cfg.expert_dim, cfg.num_heads, cfg.head_dim
     if variant.startswith("mmrec"):
         return layers * (H * (4 * Dh * Dh + 64 * 2 * Dh) + 2 * d)
+    if variant == "ffn-only-graphed":
+        return 0
     return layers * (2 * (T / 2) * 2 * d)
 
 
@@ -320,7 +328,7 @@ def main(argv=None):
 
     for spec in filter(None, (args.profile or "").split(",")):
         try:
-            profile(spec, models, steps, dev)
+            profile(spec, models, steps, dev, args.profile_rows)
         except Exception as e:  # a profile is extra: keep the table
             print(f"profile {spec} failed: {type(e).__name__}: {e}")
 
@@ -355,7 +363,7 @@ def print_table(results):
           "T-eager / T-comp / T-graph: the Transformer eager, compiled, compiled with the step graphed.")
 
 
-def profile(spec, models, steps, dev):
+def profile(spec, models, steps, dev, rows=25):
     """One profiled step: top CUDA kernels, kernel-launch count and GPU busy share of the step."""
     import torch
     shape, variant = spec.split(":")
@@ -392,9 +400,9 @@ def profile(spec, models, steps, dev):
     for kind, (t, c) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
         print(f"  {kind:28s} {t:8.2f} ms  {100 * t / (busy * 1e3):5.1f}% of GPU time  {c:6d} kernels")
     try:
-        print(p.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+        print(p.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70))
     except Exception:
-        print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+        print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ width, heads, vocab, init and `expert_type` semantics. Each block is
     x = x + FFN(RMSNorm(x))                      FFN = Linear -> GELU -> Linear (with biases)
 Attention has 4 d^2 parameters against MM-Rec's ~9 d^2 mixer, so `matched_ffn_dim` widens the
 FFN until the totals agree (the parameter counts are printed by the benchmark).
+
+With `mixer=False` the blocks have no sequence mixer at all (x = x + FFN(RMSNorm(x)) only): at
+MM-Rec's own FFN width that is everything of an MM-Rec step but its mixer, so its step time is the
+floor under any mixer's, and the Transformer's time over it the highest ratio any mixer could reach.
 """
 from __future__ import annotations
 
@@ -35,37 +39,41 @@ def apply_rope(x, cos, sin):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, config: MMRecConfig, ffn_dim: int):
+    def __init__(self, config: MMRecConfig, ffn_dim: int, mixer: bool = True):
         super().__init__()
         d = config.expert_dim
         self.num_heads, self.head_dim = config.num_heads, d // config.num_heads
-        self.norm = RMSNorm(d, config.norm_eps)
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.out_proj = nn.Linear(d, d, bias=False)
+        self.mixer = mixer
+        if mixer:
+            self.norm = RMSNorm(d, config.norm_eps)
+            self.qkv = nn.Linear(d, 3 * d, bias=False)
+            self.out_proj = nn.Linear(d, d, bias=False)
         self.ffn_norm = RMSNorm(d, config.norm_eps)
         self.ffn_in = nn.Linear(d, ffn_dim)
         self.ffn_out = nn.Linear(ffn_dim, d)
         std = config.init_std
-        for m in (self.qkv, self.out_proj, self.ffn_in, self.ffn_out):
+        linears = (self.qkv, self.out_proj, self.ffn_in, self.ffn_out) if mixer else (self.ffn_in, self.ffn_out)
+        for m in linears:
             nn.init.normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         with torch.no_grad():
-            for m in (self.out_proj, self.ffn_out):
+            for m in ((self.out_proj, self.ffn_out) if mixer else (self.ffn_out,)):  # residual outputs
                 m.weight.mul_(1 / math.sqrt(2 * config.num_layers))
 
     def forward(self, x, cos, sin):
         B, T, d = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
-        x = x + self.out_proj(a.transpose(1, 2).reshape(B, T, d))
+        if self.mixer:
+            q, k, v = self.qkv(self.norm(x)).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
+            x = x + self.out_proj(a.transpose(1, 2).reshape(B, T, d))
         return x + self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x))))
 
 
 class TransformerExpert(nn.Module):
-    def __init__(self, config: MMRecConfig, ffn_dim: int):
+    def __init__(self, config: MMRecConfig, ffn_dim: int, mixer: bool = True):
         super().__init__()
-        self.blocks = nn.ModuleList(AttentionBlock(config, ffn_dim) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(AttentionBlock(config, ffn_dim, mixer) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.expert_dim, config.norm_eps)
 
     def forward(self, x, cos, sin):
@@ -75,13 +83,13 @@ class TransformerExpert(nn.Module):
 
 
 class TransformerBaseline(nn.Module):
-    def __init__(self, config: MMRecConfig, ffn_dim: int | None = None):
+    def __init__(self, config: MMRecConfig, ffn_dim: int | None = None, mixer: bool = True):
         super().__init__()
         self.config = config
         ffn_dim = ffn_dim or config.ffn_dim
         d = config.expert_dim
         self.embedding = nn.Embedding(config.vocab_size, d)
-        self.experts = nn.ModuleDict({n: TransformerExpert(config, ffn_dim) for n in config.expert_names})
+        self.experts = nn.ModuleDict({n: TransformerExpert(config, ffn_dim, mixer) for n in config.expert_names})
         self.fusion = FusionLayer(config.model_dim, config.fusion_method)
         self.norm = RMSNorm(config.model_dim, config.norm_eps)
         self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)

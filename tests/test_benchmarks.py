@@ -1,0 +1,49 @@
+"""The benchmarks' CPU-checkable parts: bench_train's CLI and the baselines it measures against."""
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.baselines.transformer import TransformerBaseline, matched_ffn_dim
+from mm_rec.model import MMRec100M, MMRecConfig, PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_help_runs_without_a_gpu():
+    r = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--help"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for variant in ("mmrec-gpu-graphed", "transformer-graphed", "ffn-only-graphed", "fla-gla"):
+        assert variant in r.stdout
+
+
+def test_transformer_baseline_matches_mmrec_parameter_count():
+    cfg = MMRecConfig(**PRESETS["100m"])
+    with torch.device("meta"):
+        target = MMRec100M(config=cfg).get_num_params()
+        n = sum(p.numel() for p in TransformerBaseline(cfg, matched_ffn_dim(cfg, target)).parameters())
+    assert abs(n - target) / target < 0.002
+
+
+def test_ffn_only_floor_is_the_transformer_without_its_mixer():
+    """mixer=False keeps every parameter but the attention's, and each block computes exactly
+    x + FFN(RMSNorm(x))."""
+    cfg = MMRecConfig(**PRESETS["tiny"])
+    torch.manual_seed(0)
+    full, floor = TransformerBaseline(cfg), TransformerBaseline(cfg, mixer=False)
+    names_full = {k for k, _ in full.named_parameters()}
+    names_floor = {k for k, _ in floor.named_parameters()}
+    assert names_floor < names_full
+    assert {k.split(".")[-2] for k in names_full - names_floor} == {"norm", "qkv", "out_proj"}
+
+    block = floor.experts["text"].blocks[0]
+    x = torch.randn(2, 5, cfg.expert_dim)
+    expected = x + block.ffn_out(F.gelu(block.ffn_in(block.ffn_norm(x))))
+    torch.testing.assert_close(block(x, None, None), expected, rtol=0, atol=0)
+    # The residual output is scaled as in the full block (GPT-2 style), the input projection is not.
+    std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    assert abs(block.ffn_out.weight.std().item() - std) < 0.2 * std
+    assert abs(block.ffn_in.weight.std().item() - cfg.init_std) < 0.2 * cfg.init_std
