@@ -17,7 +17,9 @@ SITE=${SITE:-/tmp/site}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[[ -d $SITE/fla ]] || python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+# (fla.models comes from the second wheel: a machine that has only fla-core installs again)
+need=$SITE/fla; [[ ${WHEELS:-} == *flash_linear_attention* ]] && need=$SITE/fla/models
+[[ -d $need ]] || python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target "$SITE" \
     ${WHEELS:-.whl/fla_core-*.whl} 2>&1 | grep -v "as the 'root' user" | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 git rev-parse HEAD 2>/dev/null | tee "$OUT/commit.txt"
