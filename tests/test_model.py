@@ -279,16 +279,17 @@ def test_recomputed_gates_give_the_same_gradients_and_save_activations(expert_ty
     assert kept_plain - kept_recomputed >= (5 * 4 - 3 * 2) * units, (kept_plain, kept_recomputed, units)
 
 
-def test_float32_and_bf16_autocast_agree_with_float64():
+@pytest.mark.parametrize("expert_type", [None, "text"])  # both experts batched; one expert (E = 1)
+def test_float32_and_bf16_autocast_agree_with_float64(expert_type):
     model = tiny_model()
     x = ids(T=100)
-    ref = model(x)
+    ref = model(x, expert_type=expert_type)
     model32 = model.float()
-    out32 = model32(x)
+    out32 = model32(x, expert_type=expert_type)
     assert out32.dtype == torch.float32
     assert max_diff(out32.double(), ref) < 1e-4
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out16, states = model32(x, return_memory=True)
+        out16, states = model32(x, expert_type=expert_type, return_memory=True)
     assert states["text"][0]["M"].dtype == torch.float32  # carried states stay fp32
     rel = ((out16.double() - ref).norm() / ref.norm()).item()
     assert rel < 3e-2, rel
