@@ -46,83 +46,56 @@ def _linear_params(blocks: list[MMRecBlock]) -> dict:
     return out
 
 
-# How the block's Linears run as fewer, larger matmuls (the same function, regrouped):
-# - "u_proj": everything that is linear in the normed input u, as one product. The bias-free
-#   in_proj (q, k, v, z, g), out_gate and alpha_down, and the MDI's first layers folded through
-#   in_proj: context_in(k) = (W_ci W_k) u + b_ci and base_in(z) = (W_bi W_z) u + b_bi, whose
-#   [r, d] x [d, d] weight products cost nothing next to [N, d] x [d, r] products over the tokens.
-#   Columns: q, k, v, z, g | out_gate | alpha_down | context_in | base_in  (5d + d + r_alpha + 2 r).
-# - "mdi_out": the MDI's second layers (context_out, base_out) as one matmul batched over
-#   (expert, context/base): weight [2E, r, d], bias [2E, 1, d].
+# The bias-free Linears that read the normed input u, run as one matmul: in_proj (q, k, v, z, g),
+# out_gate and alpha_down -- one [d, 5d + d + r] product instead of three, and in backward one
+# input-gradient product instead of three and their sum.
 U_GROUP = ("in_proj", "out_gate", "alpha_down")
-MDI_IN, MDI_OUT = ("mdi.context_in", "mdi.base_in"), ("mdi.context_out", "mdi.base_out")
-OTHER_LINEARS = tuple(n for n in LINEARS if n not in U_GROUP + MDI_IN + MDI_OUT)
-
-
-def _fold_mdi_in(w_in, w_mdi_in):
-    """The MDI's first-layer weights folded through in_proj's k and z rows: [.., 2r, d] (context
-    first). w_in: in_proj's weight [.., 5d, d] (q, k, v, z, g rows); w_mdi_in: [.., 2, r, d]."""
-    d = w_in.shape[-1]
-    return torch.cat([w_mdi_in[..., 0, :, :] @ w_in[..., d:2 * d, :],
-                      w_mdi_in[..., 1, :, :] @ w_in[..., 3 * d:4 * d, :]], dim=-2)
 
 
 def _stacked_linears(params: dict) -> dict:
-    """The E experts' Linears as batched-matmul operands: "u_proj" (weight [E, d, 6d + r_a + 2r]),
-    "mdi_in_bias" [E, 1, 2r], "mdi_out" (weight [2E, r, d], bias [2E, 1, d]) and the other Linears
-    as (weight [E, in, out], bias [E, 1, out] or None).
+    """Each Linear of the E experts as (weight [E, in, out], bias [E, 1, out] or None), and the
+    U_GROUP as one ("u_proj": weight [E, d, 6d + r], no bias).
 
     Built with one cat of every weight and bias of the layer (and, under autocast, one cast of the
-    result): a few kernels per layer instead of a stack and a cast per Linear. split() hands out
-    the pieces, so backward is one cat of their gradients, not a zero-filled copy per piece. Grouped
-    weights go in expert by expert, so that each group is one [E, ...] (or [2E, ...]) view."""
-    E = len(params["in_proj"][0])
-    weight = lambda name, e: params[name][0][e]
-    bias = lambda name, e: params[name][1][e]
-    groups = [  # (key, the tensors expert by expert, the piece's shape)
-        ("u_block", [weight(n, e) for e in range(E) for n in U_GROUP], None),
-        ("mdi_in", [weight(n, e) for e in range(E) for n in MDI_IN], None),
-        ("mdi_in_bias", [bias(n, e) for e in range(E) for n in MDI_IN], None),
-        ("mdi_out", [weight(n, e) for e in range(E) for n in MDI_OUT], None),
-        ("mdi_out_bias", [bias(n, e) for e in range(E) for n in MDI_OUT], None),
-    ]
-    for name in OTHER_LINEARS:
+    result): two kernels per layer instead of a stack and a cast per Linear. split() hands out the
+    pieces, so backward is one cat of their gradients, not a zero-filled copy per piece. The
+    U_GROUP's weights go in expert by expert, so that each expert's block is one matrix."""
+    parts, layout = [], []
+    E = len(params[U_GROUP[0]][0])
+    for e in range(E):
+        parts += [params[name][0][e].reshape(-1) for name in U_GROUP]
+    u_rows = sum(params[name][0][0].shape[0] for name in U_GROUP)
+    layout.append(("u_proj", "weight", torch.Size((u_rows, params[U_GROUP[0]][0][0].shape[1]))))
+    for name in LINEARS:
+        if name in U_GROUP:
+            continue
         weights, biases = params[name]
-        groups.append((name, weights, None))
+        parts += [w.reshape(-1) for w in weights]
+        layout.append((name, "weight", weights[0].shape))
         if biases is not None:
-            groups.append((name + ".bias", biases, None))
-    flat = torch.cat([t.reshape(-1) for _, tensors, _ in groups for t in tensors])
+            parts += biases
+            layout.append((name, "bias", biases[0].shape))
+    flat = torch.cat(parts)
     device = flat.device.type
     if flat.dtype == torch.float32 and torch.is_autocast_enabled(device):
         flat = flat.to(torch.get_autocast_dtype(device))
-    pieces = dict(zip([key for key, _, _ in groups],
-                      flat.split([sum(t.numel() for t in tensors) for _, tensors, _ in groups])))
-    d = params["in_proj"][0][0].shape[1]
-    r = params[MDI_IN[0]][0][0].shape[0]
-    u_block = pieces["u_block"].view(E, -1, d)                    # [E, 6d + r_a, d]
-    folded = _fold_mdi_in(u_block[:, :5 * d], pieces["mdi_in"].view(E, 2, r, d))
-    out = {"u_proj": (torch.cat([u_block, folded], 1).transpose(1, 2), None),
-           "mdi_in_bias": pieces["mdi_in_bias"].view(E, 1, 2 * r),
-           "mdi_out": (pieces["mdi_out"].view(2 * E, d, r).transpose(1, 2), pieces["mdi_out_bias"].view(2 * E, 1, d))}
-    for name in OTHER_LINEARS:
-        w_shape = params[name][0][0].shape
-        b = pieces.get(name + ".bias")
-        out[name] = (pieces[name].view(E, *w_shape).transpose(1, 2), None if b is None else b.view(E, 1, w_shape[0]))
+    pieces = flat.split([E * shape.numel() for _, _, shape in layout])
+    out = {}
+    for (name, kind, shape), piece in zip(layout, pieces):
+        if kind == "weight":
+            out[name] = (piece.view(E, *shape).transpose(1, 2), None)
+        else:
+            out[name] = (out[name][0], piece.view(E, 1, shape[0]))
     return out
 
 
 def _single_linears(params: dict) -> dict:
-    """One expert (E = 1): the same groups from the expert's own weights, without the flat cat
-    (eager steps are bound by the host's per-op cost): "u_proj" and the other Linears in
-    nn.Linear's layout [out, in] for F.linear, "mdi_out" batched over context/base [2, r, d]."""
-    w = {name: weights[0] for name, (weights, _) in params.items()}
-    b = {name: None if biases is None else biases[0] for name, (_, biases) in params.items()}
-    folded = _fold_mdi_in(w["in_proj"], torch.stack([w[n] for n in MDI_IN]))
-    out = {"u_proj": (torch.cat([w[n] for n in U_GROUP] + [folded]), None),
-           "mdi_in_bias": torch.cat([b[n] for n in MDI_IN]),
-           "mdi_out": (torch.stack([w[n] for n in MDI_OUT]).transpose(1, 2),
-                       torch.stack([b[n] for n in MDI_OUT]).unsqueeze(1))}
-    out.update({name: (w[name], b[name]) for name in OTHER_LINEARS})
+    """One expert (E = 1): each Linear's own (weight [out, in], bias) -- nothing to stack, and no
+    cat/split pair in forward and backward (eager steps are bound by the host's per-op cost) --
+    but the U_GROUP's three weights concatenated into "u_proj" (one cat saves two matmuls)."""
+    out = {name: (weights[0], None if biases is None else biases[0]) for name, (weights, biases) in params.items()
+           if name not in U_GROUP}
+    out["u_proj"] = (torch.cat([params[name][0][0] for name in U_GROUP]), None)
     return out
 
 
@@ -243,18 +216,15 @@ def _stacked_block(linears: dict, norms: dict, x: torch.Tensor, h0, M0, settings
 
     x2 = x.reshape(E, B * T, d)
     u = _rms_norm(x2, norms["norm"], eps)
-    r = W["mdi_out"][0].shape[1]
-    u_proj = _linear(u, W["u_proj"])               # [E, N, q k v z g | out_gate | alpha_down | MDI in]
+    u_proj = _linear(u, W["u_proj"])                     # [E, N, 5d | d | alpha_rank]
     q, k, v, z, g = u_proj[..., :5 * d].chunk(5, dim=-1)
-    out_gate, alpha_low = u_proj[..., 5 * d:6 * d], u_proj[..., 6 * d:-2 * r]
+    out_gate, alpha_low = u_proj[..., 5 * d:6 * d], u_proj[..., 6 * d:]
 
-    # The gates. MDI: both hidden layers (context | base) come from u_proj; their second layers
-    # run as one matmul batched over [E, context/base]. The elementwise part in fp32 would keep
-    # ~8.5 KB per token, layer and expert of fp32 intermediates for backward: with recompute_gates
-    # it runs as _GateMath, which keeps only its (bf16) inputs and recomputes the sigmoids.
-    mdi_hidden = F.gelu(u_proj[..., -2 * r:] + W["mdi_in_bias"])              # [E, N, 2r]
-    mdi_hidden = mdi_hidden.unflatten(-1, (2, r)).transpose(1, 2).reshape(2 * E, B * T, r)
-    c, a = _linear(mdi_hidden, W["mdi_out"]).view(E, 2, B * T, d).unbind(1)
+    # The gates. Their elementwise part in fp32 would keep ~8.5 KB per token, layer and expert of
+    # fp32 intermediates for backward: with recompute_gates it runs as _GateMath, which keeps only
+    # its (bf16) inputs and recomputes the sigmoids in backward.
+    a = _linear(F.gelu(_linear(z, W["mdi.base_in"])), W["mdi.base_out"])
+    c = _linear(F.gelu(_linear(k, W["mdi.context_in"])), W["mdi.context_out"])
     la = _linear(alpha_low, W["alpha_up"])
     gate_math = _GateMath.apply if recompute_gates else _gate_math
     log_gamma, x_in, log_alpha = gate_math(a, c, g, z, la, tau)
