@@ -6,8 +6,6 @@ are stacked on a leading expert axis [E, B, T, d], each nn.Linear becomes one ba
 the experts' weights stacked on the fly (torch.stack of E small matrices: a copy far smaller than
 the activations), and each recurrence is one kernel call over E * B sequences. That halves the
 kernel launches of a training step and doubles the work of each latency-bound recurrence launch.
-The three bias-free Linears that read the block's normed input (in_proj, out_gate, alpha_down) run
-as one matmul over their concatenated weights (U_GROUP).
 
 The parameters stay in the per-expert `MMRecBlock`s (same state_dict, same optimizer groups), and
 the function is exactly `MMRecBlock.forward` per expert: tests hold the two paths equal in float64.
@@ -46,30 +44,16 @@ def _linear_params(blocks: list[MMRecBlock]) -> dict:
     return out
 
 
-# The bias-free Linears that read the normed input u, run as one matmul: in_proj (q, k, v, z, g),
-# out_gate and alpha_down -- one [d, 5d + d + r] product instead of three, and in backward one
-# input-gradient product instead of three and their sum.
-U_GROUP = ("in_proj", "out_gate", "alpha_down")
-
-
 def _stacked_linears(params: dict) -> dict:
-    """Each Linear of the E experts as (weight [E, in, out], bias [E, 1, out] or None), and the
-    U_GROUP as one ("u_proj": weight [E, d, 6d + r], no bias).
+    """Each Linear of the E experts as (weight [E, in, out], bias [E, 1, out] or None).
 
     Built with one cat of every weight and bias of the layer (and, under autocast, one cast of the
     result): two kernels per layer instead of a stack and a cast per Linear. split() hands out the
-    pieces, so backward is one cat of their gradients, not a zero-filled copy per piece. The
-    U_GROUP's weights go in expert by expert, so that each expert's block is one matrix."""
+    pieces, so backward is one cat of their gradients, not a zero-filled copy per piece."""
     parts, layout = [], []
-    E = len(params[U_GROUP[0]][0])
-    for e in range(E):
-        parts += [params[name][0][e].reshape(-1) for name in U_GROUP]
-    u_rows = sum(params[name][0][0].shape[0] for name in U_GROUP)
-    layout.append(("u_proj", "weight", torch.Size((u_rows, params[U_GROUP[0]][0][0].shape[1]))))
     for name in LINEARS:
-        if name in U_GROUP:
-            continue
         weights, biases = params[name]
+        E = len(weights)
         parts += [w.reshape(-1) for w in weights]
         layout.append((name, "weight", weights[0].shape))
         if biases is not None:
@@ -91,12 +75,8 @@ def _stacked_linears(params: dict) -> dict:
 
 def _single_linears(params: dict) -> dict:
     """One expert (E = 1): each Linear's own (weight [out, in], bias) -- nothing to stack, and no
-    cat/split pair in forward and backward (eager steps are bound by the host's per-op cost) --
-    but the U_GROUP's three weights concatenated into "u_proj" (one cat saves two matmuls)."""
-    out = {name: (weights[0], None if biases is None else biases[0]) for name, (weights, biases) in params.items()
-           if name not in U_GROUP}
-    out["u_proj"] = (torch.cat([params[name][0][0] for name in U_GROUP]), None)
-    return out
+    cat/split pair in forward and backward (eager steps are bound by the host's per-op cost)."""
+    return {name: (weights[0], None if biases is None else biases[0]) for name, (weights, biases) in params.items()}
 
 
 def _linear(x: torch.Tensor, weight_bias: tuple) -> torch.Tensor:
@@ -216,16 +196,14 @@ def _stacked_block(linears: dict, norms: dict, x: torch.Tensor, h0, M0, settings
 
     x2 = x.reshape(E, B * T, d)
     u = _rms_norm(x2, norms["norm"], eps)
-    u_proj = _linear(u, W["u_proj"])                     # [E, N, 5d | d | alpha_rank]
-    q, k, v, z, g = u_proj[..., :5 * d].chunk(5, dim=-1)
-    out_gate, alpha_low = u_proj[..., 5 * d:6 * d], u_proj[..., 6 * d:]
+    q, k, v, z, g = _linear(u, W["in_proj"]).chunk(5, dim=-1)
 
     # The gates. Their elementwise part in fp32 would keep ~8.5 KB per token, layer and expert of
     # fp32 intermediates for backward: with recompute_gates it runs as _GateMath, which keeps only
     # its (bf16) inputs and recomputes the sigmoids in backward.
     a = _linear(F.gelu(_linear(z, W["mdi.base_in"])), W["mdi.base_out"])
     c = _linear(F.gelu(_linear(k, W["mdi.context_in"])), W["mdi.context_out"])
-    la = _linear(alpha_low, W["alpha_up"])
+    la = _linear(_linear(u, W["alpha_down"]), W["alpha_up"])
     gate_math = _GateMath.apply if recompute_gates else _gate_math
     log_gamma, x_in, log_alpha = gate_math(a, c, g, z, la, tau)
 
@@ -238,7 +216,7 @@ def _stacked_block(linears: dict, norms: dict, x: torch.Tensor, h0, M0, settings
     h = h.reshape(E, B * T, d).to(u.dtype)
     o = o.reshape(E, B * T, H, Dh).to(u.dtype)
     o_normed = F.rms_norm(o, (Dh,), eps=eps).reshape(E, B * T, d) * _per_expert(norms["o_norm"])
-    mixed = torch.cat([_rms_norm(h, norms["h_norm"], eps), o_normed * F.silu(out_gate)], -1)
+    mixed = torch.cat([_rms_norm(h, norms["h_norm"], eps), o_normed * F.silu(_linear(u, W["out_gate"]))], -1)
     x2 = x2 + F.dropout(_linear(mixed, W["out_proj"]), p, training)
     ffn_hidden = _linear(_rms_norm(x2, norms["ffn_norm"], eps), W["ffn_in"])
     ffn_weight, ffn_bias = W["ffn_out"]
