@@ -52,8 +52,12 @@ def _chunk_states_bwd(q, k, v, g_cumsum, M0, do, dM_T, scale, BT):
     return chunk_states_bwd(q, do, g_cumsum, dM_T, scale, BT, need_dM0=M0 is not None)
 
 
+# The GLA's chunk length (tokens per intra-chunk block); bench_ops.py's gla-bt32 variant tries 32.
+GLA_CHUNK = 64
+
+
 def _gla_chunk(T: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(T)))  # as fla's chunk_gla picks it
+    return min(GLA_CHUNK, max(16, triton.next_power_of_2(T)))  # as fla's chunk_gla picks it
 
 
 def _none_if_empty(t: Tensor):
