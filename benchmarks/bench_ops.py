@@ -10,7 +10,7 @@ memory (d=256 channels, fp32), as the training step calls them, for each impleme
 Variants (long-term): `gla` is the op the model runs (mm_rec.ops.gpu.recurrences.long_term_gpu),
 with its chunk-boundary states computed in parallel over the chunks (chunk_states.py);
 `gla-fla-states` the same op with fla's sequential state passes instead (STATE_PASS = "fla");
-`gla-bt32` the op with 32-token chunks instead of 64 (GLA_CHUNK = 32);
+`gla-bt64` the op with fla's default 64-token chunks instead of our 32 (GLA_CHUNK);
 `fla-chunk_gla` is fla-core's own chunk_gla entry point (what a straightforward version calls).
 Short-term: `scan` is ours (diag_scan.py); `fla-hgrn` is fla-core's chunk_hgrn.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LONG = ("gla", "gla-fla-states", "gla-bt32", "fla-chunk_gla")
+LONG = ("gla", "gla-fla-states", "gla-bt64", "fla-chunk_gla")
 SHORT = ("scan", "fla-hgrn")
 
 
@@ -69,10 +69,10 @@ def make_inputs(B, T, H, D, dev, torch):
 def variant_fn(name):
     from mm_rec.ops.gpu import recurrences
     from mm_rec.ops.gpu.recurrences import long_term_gpu, short_term_gpu
-    if name in ("gla", "gla-fla-states", "gla-bt32"):
+    if name in ("gla", "gla-fla-states", "gla-bt64"):
         def gla(t):  # the settings hold until the next variant runs: through this one's backward too
             recurrences.STATE_PASS = "fla" if name == "gla-fla-states" else "parallel"
-            recurrences.GLA_CHUNK = 32 if name == "gla-bt32" else 64
+            recurrences.GLA_CHUNK = 64 if name == "gla-bt64" else 32
             return long_term_gpu(t["q"], t["k"], t["v"], t["log_alpha"])
         return gla
     if name == "fla-chunk_gla":

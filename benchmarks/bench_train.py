@@ -25,7 +25,7 @@ FLOPs (model FLOPs, no recomputation counted): per token 6 x the matmul paramete
 (every nn.Linear of the active experts, the fusion layer when on, and the LM head; the embedding
 excluded), plus the sequence mixers' own, forward x 3 for forward + backward:
   GLA (MM-Rec long-term memory), per layer and head: 2 Dk Dv (state update) + 2 Dk Dv (read-out)
-      + 2 (C/2)(Dk + Dv) (causal half of the intra-chunk product, C = 64);
+      + 2 (C/2)(Dk + Dv) (causal half of the intra-chunk product; C = GLA_CHUNK = 32, fla's GLA 64);
   short-term diagonal recurrence: 2 d per layer;
   causal attention: 2 (T/2) 2 d per layer (QK^T and AV over the causal half).
 MFU = achieved FLOP/s over 989 TFLOP/s (H100 SXM dense bf16 datasheet); the table also gives it
@@ -134,7 +134,8 @@ def mixer_flops_per_token(variant, T, expert_type, model):
     layers = cfg.num_layers * (2 if expert_type in (None, "fused") else 1)
     d, H, Dh = cfg.expert_dim, cfg.num_heads, cfg.head_dim
     if variant.startswith("mmrec"):
-        return layers * (H * (4 * Dh * Dh + 64 * 2 * Dh) + 2 * d)
+        from mm_rec.ops.gpu.recurrences import GLA_CHUNK
+        return layers * (H * (4 * Dh * Dh + GLA_CHUNK * 2 * Dh) + 2 * d)
     if variant == "ffn-only-graphed":
         return 0
     return layers * (2 * (T / 2) * 2 * d)

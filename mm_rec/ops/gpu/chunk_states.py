@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 # Scan tiles: G chunks x [BK, BV] elements per step of the loop. At K = V = 32, 8 programs per
-# (sequence, head); 128 chunks (T = 8192) take 4 steps.
+# (sequence, head); 256 chunks (T = 8192 at 32-token chunks) take 8 steps.
 SCAN_G, SCAN_BK, SCAN_BV = 32, 8, 16
 
 
