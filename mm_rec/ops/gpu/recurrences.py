@@ -166,16 +166,13 @@ def gla_bwd(q: Tensor, k: Tensor, v: Tensor, g_cumsum: Tensor, A: Tensor, h: Ten
     dq, dk, dg = chunk_gla_bwd_dqkg(q=q, k=k, v=v, h=h, g=g_cumsum, do=do, dh=dh, dq=dq, dk=dk, scale=scale,
                                     chunk_size=BT)
     dM0 = q.new_empty(0) if dM0 is None else dM0
-    # dq, dk stay fp32 here: their cast to q's dtype happens outside the op (_gla_backward), where
-    # a compiled step fuses it into the kernel that consumes them.
-    return dq.float(), dk.float(), dv.to(v.dtype), dg.float(), dM0
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dM0
 
 
 @gla_bwd.register_fake
 def _(q, k, v, g_cumsum, A, h, scale, M0, do, dM_T):
     dM0 = q.new_empty(0) if M0 is None else torch.empty_like(M0)
-    f32 = torch.float32
-    return (torch.empty_like(q, dtype=f32), torch.empty_like(k, dtype=f32), torch.empty_like(v),
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(g_cumsum), dM0)
 
 
@@ -192,7 +189,7 @@ def _gla_backward(ctx, do, dM_T, _dA, _dgc, _dh):
         do = torch.zeros_like(v)
     dq, dk, dv, dg, dM0 = gla_bwd(q, k, v, g_cumsum, A, h, ctx.scale, M0 if ctx.has_M0 else None,
                                   do, dM_T)
-    return dq.to(q.dtype), dk.to(k.dtype), dv, dg, None, (dM0 if ctx.has_M0 else None)
+    return dq, dk, dv, dg, None, (dM0 if ctx.has_M0 else None)
 
 
 gla_fwd.register_autograd(_gla_backward, setup_context=_gla_setup)
