@@ -166,6 +166,8 @@ def gla_bwd(q: Tensor, k: Tensor, v: Tensor, g_cumsum: Tensor, A: Tensor, h: Ten
     dq, dk, dg = chunk_gla_bwd_dqkg(q=q, k=k, v=v, h=h, g=g_cumsum, do=do, dh=dh, dq=dq, dk=dk, scale=scale,
                                     chunk_size=BT)
     dM0 = q.new_empty(0) if dM0 is None else dM0
+    # dq, dk are cast here, not left fp32 for the compiled graph to cast: fused there into in_proj's
+    # gradient kernel, they made it 5x slower on an H100 (benchmarks/RESULTS.md, runs AB and AF).
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dM0
 
 
