@@ -196,9 +196,6 @@ def _stacked_block(linears: dict, norms: dict, x: torch.Tensor, h0, M0, settings
 
     x2 = x.reshape(E, B * T, d)
     u = _rms_norm(x2, norms["norm"], eps)
-    # in_proj, out_gate and alpha_down all read u, yet stay three matmuls: as one (a 1,552-column
-    # product) their gradient came from one Inductor kernel gathering seven column slices, 5x
-    # slower than in_proj's own on an H100 (benchmarks/RESULTS.md, run Z).
     q, k, v, z, g = _linear(u, W["in_proj"]).chunk(5, dim=-1)
 
     # The gates. Their elementwise part in fp32 would keep ~8.5 KB per token, layer and expert of
