@@ -47,3 +47,18 @@ def test_ffn_only_floor_is_the_transformer_without_its_mixer():
     std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     assert abs(block.ffn_out.weight.std().item() - std) < 0.2 * std
     assert abs(block.ffn_in.weight.std().item() - cfg.init_std) < 0.2 * cfg.init_std
+
+
+def test_transformer_baseline_rope_tables_cached_equal_computed():
+    """The cached RoPE tables give the same hidden states as tables computed for the input's length
+    (the path taken beyond the cache)."""
+    cfg = MMRecConfig(**PRESETS["tiny"])
+    torch.manual_seed(0)
+    model = TransformerBaseline(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        cached = model.hidden(ids)
+        model.rope_cos, model.rope_sin = model.rope_cos[:10], model.rope_sin[:10]  # shorter than T
+        computed = model.hidden(ids)
+    torch.testing.assert_close(cached, computed, rtol=0, atol=0)
+    assert "rope_cos" not in model.state_dict()  # buffers, not saved

@@ -96,6 +96,12 @@ class TransformerBaseline(nn.Module):
         self.use_fusion = config.use_fusion
         nn.init.normal_(self.embedding.weight, std=config.init_std)
         nn.init.normal_(self.lm_head.weight, std=config.init_std)
+        # RoPE's cos/sin computed once, as buffers (as litgpt and most Transformer code keep them):
+        # computed inside forward, a compiled step recomputed them in every layer's rotation
+        # kernels, which then took about 10% of the step at 2x8192 on an H100 (RESULTS.md, run W).
+        cos, sin = rope_tables(config.max_unchunked_len, config.head_dim, None)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, input_ids, expert_type=None):
         return self.lm_head(self.hidden(input_ids, expert_type))
@@ -107,7 +113,11 @@ class TransformerBaseline(nn.Module):
     def hidden(self, input_ids, expert_type=None):
         active = self.config.expert_names if expert_type in (None, "fused") else (expert_type,)
         x = self.embedding(input_ids)
-        cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, x.device)
+        T = input_ids.shape[1]
+        if T <= self.rope_cos.shape[0]:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:  # longer than the tables
+            cos, sin = rope_tables(T, self.config.head_dim, x.device)
         feats = {n: self.experts[n](x, cos, sin) for n in active}
         zeros = torch.zeros_like(next(iter(feats.values())))
         f = torch.cat([feats.get(n, zeros) for n in self.config.expert_names], -1)
