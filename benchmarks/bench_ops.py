@@ -70,9 +70,12 @@ def variant_fn(name):
     from mm_rec.ops.gpu import recurrences
     from mm_rec.ops.gpu.recurrences import long_term_gpu, short_term_gpu
     if name in ("gla", "gla-fla-states", "gla-bt64"):
+        # The model's chunk length, read here, before any variant has run and changed it.
+        chunk = 64 if name == "gla-bt64" else recurrences.GLA_CHUNK
+
         def gla(t):  # the settings hold until the next variant runs: through this one's backward too
             recurrences.STATE_PASS = "fla" if name == "gla-fla-states" else "parallel"
-            recurrences.GLA_CHUNK = 64 if name == "gla-bt64" else 32
+            recurrences.GLA_CHUNK = chunk
             return long_term_gpu(t["q"], t["k"], t["v"], t["log_alpha"])
         return gla
     if name == "fla-chunk_gla":
