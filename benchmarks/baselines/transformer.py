@@ -51,14 +51,13 @@ class AttentionBlock(nn.Module):
         self.ffn_norm = RMSNorm(d, config.norm_eps)
         self.ffn_in = nn.Linear(d, ffn_dim)
         self.ffn_out = nn.Linear(ffn_dim, d)
-        std = config.init_std
-        linears = (self.qkv, self.out_proj, self.ffn_in, self.ffn_out) if mixer else (self.ffn_in, self.ffn_out)
-        for m in linears:
-            nn.init.normal_(m.weight, std=std)
+        mixer_linears = (self.qkv, self.out_proj) if mixer else ()
+        for m in mixer_linears + (self.ffn_in, self.ffn_out):
+            nn.init.normal_(m.weight, std=config.init_std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         with torch.no_grad():
-            for m in ((self.out_proj, self.ffn_out) if mixer else (self.ffn_out,)):  # residual outputs
+            for m in mixer_linears[1:] + (self.ffn_out,):  # the residual outputs: out_proj, ffn_out
                 m.weight.mul_(1 / math.sqrt(2 * config.num_layers))
 
     def forward(self, x, cos, sin):
