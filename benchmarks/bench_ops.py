@@ -7,10 +7,12 @@ memory (d=256 channels, fp32), as the training step calls them, for each impleme
 
     python benchmarks/bench_ops.py --shapes 4x512,2x8192,4x4096,8x8192 --out ops.json --profile 2x8192
 
-Variants (long-term): `gla` is the op the model runs (mm_rec.ops.gpu.recurrences.long_term_gpu),
-with its chunk-boundary states computed in parallel over the chunks (chunk_states.py);
-`gla-fla-states` the same op with fla's sequential state passes instead (STATE_PASS = "fla");
-`gla-bt64` the op with fla's default 64-token chunks instead of our 32 (GLA_CHUNK);
+Variants (long-term): `gla` is the op the model runs (mm_rec.ops.gpu.recurrences.long_term_gpu):
+our kernels inside the chunks (gla_chunk.py), the chunk-boundary states computed in parallel over
+the chunks (chunk_states.py); `gla-fla-intra` the same op with fla-core's kernels inside the chunks
+(INTRA_KERNELS = "fla", 32-token chunks); `gla-fla-states` the op with fla's sequential state
+passes instead of ours (STATE_PASS = "fla"); `gla-bt64` fla's kernels inside fla's default
+64-token chunks;
 `fla-chunk_gla` is fla-core's own chunk_gla entry point (what a straightforward version calls).
 Short-term: `scan` is ours (diag_scan.py); `fla-hgrn` is fla-core's chunk_hgrn.
 """
@@ -26,14 +28,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LONG = ("gla", "gla-fla-states", "gla-bt64", "fla-chunk_gla")
+LONG = ("gla", "gla-fla-intra", "gla-fla-states", "gla-bt64", "fla-chunk_gla")
 SHORT = ("scan", "fla-hgrn")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4x512,2x8192,4x4096,8x8192", help="comma-separated BxT")
-    p.add_argument("--variants", default="gla,gla-fla-states,fla-chunk_gla,scan", help=f"from {LONG + SHORT}")
+    p.add_argument("--variants", default="gla,gla-fla-intra,fla-chunk_gla,scan", help=f"from {LONG + SHORT}")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
@@ -69,13 +71,17 @@ def make_inputs(B, T, H, D, dev, torch):
 def variant_fn(name):
     from mm_rec.ops.gpu import recurrences
     from mm_rec.ops.gpu.recurrences import long_term_gpu, short_term_gpu
-    if name in ("gla", "gla-fla-states", "gla-bt64"):
-        # The model's chunk length, read here, before any variant has run and changed it.
-        chunk = 64 if name == "gla-bt64" else recurrences.GLA_CHUNK
+    # (kernels inside the chunks, state passes, chunk length when fla's kernels run inside), read
+    # before any variant has run and changed the module's settings
+    settings = {"gla": ("own", "parallel", recurrences.GLA_CHUNK),
+                "gla-fla-intra": ("fla", "parallel", recurrences.GLA_CHUNK),
+                "gla-fla-states": ("own", "fla", recurrences.GLA_CHUNK),
+                "gla-bt64": ("fla", "parallel", 64)}
+    if name in settings:
+        intra, states, chunk = settings[name]
 
         def gla(t):  # the settings hold until the next variant runs: through this one's backward too
-            recurrences.STATE_PASS = "fla" if name == "gla-fla-states" else "parallel"
-            recurrences.GLA_CHUNK = chunk
+            recurrences.INTRA_KERNELS, recurrences.STATE_PASS, recurrences.GLA_CHUNK = intra, states, chunk
             return long_term_gpu(t["q"], t["k"], t["v"], t["log_alpha"])
         return gla
     if name == "fla-chunk_gla":

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
-pytest.importorskip("fla")
+pytest.importorskip("triton")
 
 from mm_rec.ops import long_term_chunked, long_term_memory, short_term_chunked, short_term_memory  # noqa: E402
 from mm_rec.ops.gpu import long_term_gpu, short_term_gpu  # noqa: E402
@@ -91,6 +91,28 @@ def test_long_term_kernel(T, dtype, with_state):
     # chunk 64: a quarter of the default's sequential chunk steps (float64 is exact at either size)
     ref_outs, ref_grads = run_and_grads(lambda *a: long_term_chunked(*a, scale=scale, chunk_size=64), ref_in, weights)
     check(f"long T={T} {dtype} h0={with_state}", outs, grads, ref_outs, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("strength", [1.5, 20])
+def test_long_term_kernel_with_decays_beyond_fp32_range(dtype, with_state, strength):
+    """Decays of up to e^-200 a token: 2^(g_i - g_j) factorised as 2^(g_i) 2^(-g_j) over a chunk
+    would overflow fp32. gla_chunk.py factorises a chunk only where its exponents stay under 60 and
+    computes the others exactly: strength 1.5 mixes the two kinds of chunk (about half are
+    factorised), 20 has only exact ones. T = 1000 ends in a partial chunk."""
+    torch.manual_seed(7 + with_state + int(strength))
+    B, T, H, Dk = 2, 1000, 4, 32
+    q, k, v = (torch.randn(B, T, H, Dk, device=DEV).to(dtype) for _ in range(3))
+    log_alpha = F.logsigmoid(2 * torch.randn(B, T, H, Dk, device=DEV)) * strength
+    M0 = torch.randn(B, H, Dk, Dk, device=DEV) if with_state else None
+    inputs = [q, k, v, log_alpha, M0]
+    weights = [torch.randn(B, T, H, Dk, device=DEV, dtype=torch.float64),
+               torch.randn(B, H, Dk, Dk, device=DEV, dtype=torch.float64)]
+    outs, grads = run_and_grads(lambda *a: long_term_gpu(*a), inputs, weights)
+    ref_in = [None if t is None else t.double() for t in inputs]
+    ref_outs, ref_grads = run_and_grads(lambda *a: long_term_chunked(*a, chunk_size=64), ref_in, weights)
+    check(f"long strong decay {dtype} h0={with_state}", outs, grads, ref_outs, ref_grads, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

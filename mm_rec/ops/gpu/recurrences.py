@@ -20,12 +20,7 @@ from typing import Optional
 
 import torch
 import triton
-from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
-from fla.ops.gla.chunk import (chunk_gla_bwd_dA, chunk_gla_bwd_dqk_intra, chunk_gla_bwd_dqkg, chunk_gla_bwd_dv,
-                               chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk)
-from fla.ops.utils.constant import RCP_LN2
-from fla.ops.utils.cumsum import chunk_local_cumsum
-
+from . import gla_chunk
 from .chunk_states import chunk_states_bwd, chunk_states_fwd
 from .diag_scan import diag_scan_bwd, diag_scan_fwd
 
@@ -40,6 +35,7 @@ STATE_PASS = "parallel"
 
 def _chunk_states_fwd(k, v, g_cumsum, M0, BT):
     if STATE_PASS == "fla":
+        from fla.ops.common.chunk_h import chunk_fwd_h
         return chunk_fwd_h(k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=M0, output_final_state=True,
                            chunk_size=BT, states_in_fp32=True)
     return chunk_states_fwd(k, v, g_cumsum, M0, BT)
@@ -47,6 +43,7 @@ def _chunk_states_fwd(k, v, g_cumsum, M0, BT):
 
 def _chunk_states_bwd(q, k, v, g_cumsum, M0, do, dM_T, scale, BT):
     if STATE_PASS == "fla":
+        from fla.ops.common.chunk_h import chunk_bwd_dh
         return chunk_bwd_dh(q=q, k=k, v=v, g=None, gk=g_cumsum, gv=None, do=do, h0=M0, dht=dM_T, scale=scale,
                             chunk_size=BT, states_in_fp32=True)
     return chunk_states_bwd(q, do, g_cumsum, dM_T, scale, BT, need_dM0=M0 is not None)
@@ -58,7 +55,14 @@ def _chunk_states_bwd(q, k, v, g_cumsum, M0, do, dM_T, scale, BT):
 GLA_CHUNK = 32
 
 
+# The work inside each chunk: "own" (gla_chunk.py: one kernel forward, one backward, for chunks of
+# 32) or "fla" (fla-core's chunk_gla kernels, 3 forward and 4 backward plus the cumulative decays).
+INTRA_KERNELS = "own"
+
+
 def _gla_chunk(T: int) -> int:
+    if INTRA_KERNELS == "own":
+        return gla_chunk.BT
     return min(GLA_CHUNK, max(16, triton.next_power_of_2(T)))  # as fla's chunk_gla picks it
 
 
@@ -128,17 +132,26 @@ def short_term_gpu(x: Tensor, log_a: Tensor, h0: Optional[Tensor] = None):
 @torch.library.custom_op("mmrec::gla_fwd", mutates_args=())
 def gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, M0: Optional[Tensor]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """fla's chunk_gla_fwd, step by step, keeping the per-chunk states for backward.
+    """The chunked GLA forward, keeping the per-chunk states for backward.
 
-    Returns (o in v's dtype, M_T fp32, and fp32 intermediates kept for backward: A, g_cumsum and
-    the state at every chunk start [B, T/BT, H, K, V]). fla's own backward recomputes those states:
-    keeping them costs 1 KB a token at BT = 32 (a layer, d=256) and saves that pass."""
+    Returns (o in v's dtype, M_T fp32, and fp32 intermediates kept for backward: g_cumsum, the
+    state at every chunk start [B, T/BT, H, K, V] and, with fla's kernels, A [B, T, H, BT]).
+    fla's own backward recomputes those states: keeping them costs 1 KB a token at BT = 32 (a
+    layer, d=256) and saves that pass."""
     BT = _gla_chunk(q.shape[1])
+    if INTRA_KERNELS == "own":
+        g_cumsum = gla_chunk.chunk_cumsum(g, BT)
+        h, M_T = _chunk_states_fwd(k, v, g_cumsum, M0, BT)
+        o = gla_chunk.gla_chunk_fwd(q, k, v, g_cumsum, h, scale)
+        return o, M_T, g_cumsum, h, q.new_empty(0, dtype=torch.float32)
+    from fla.ops.gla.chunk import chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
     g_cumsum = chunk_local_cumsum(g, BT, scale=RCP_LN2)  # fla's kernels work in base 2
     h, M_T = _chunk_states_fwd(k, v, g_cumsum, M0, BT)
     A = chunk_gla_fwd_intra_gk(q=q, k=k, g=g_cumsum, scale=scale, chunk_size=BT)
     o = chunk_gla_fwd_o_gk(q=q, v=v, g=g_cumsum, A=A, h=h, scale=scale, chunk_size=BT)
-    return o, M_T, A, g_cumsum, h
+    return o, M_T, g_cumsum, h, A
 
 
 @gla_fwd.register_fake
@@ -147,25 +160,29 @@ def _(q, k, v, g, scale, M0):
     V = v.shape[-1]
     BT = _gla_chunk(T)
     f32 = torch.float32
-    return (torch.empty_like(v), q.new_empty(B, H, K, V, dtype=f32),
-            q.new_empty(B, T, H, BT, dtype=f32), torch.empty_like(g, dtype=f32),
-            q.new_empty(B, triton.cdiv(T, BT), H, K, V, dtype=f32))
+    A = q.new_empty(0, dtype=f32) if INTRA_KERNELS == "own" else q.new_empty(B, T, H, BT, dtype=f32)
+    return (torch.empty_like(v), q.new_empty(B, H, K, V, dtype=f32), torch.empty_like(g, dtype=f32),
+            q.new_empty(B, triton.cdiv(T, BT), H, K, V, dtype=f32), A)
 
 
 @torch.library.custom_op("mmrec::gla_bwd", mutates_args=())
 def gla_bwd(q: Tensor, k: Tensor, v: Tensor, g_cumsum: Tensor, A: Tensor, h: Tensor, scale: float,
             M0: Optional[Tensor], do: Tensor, dM_T: Optional[Tensor]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """fla's chunk_gla_bwd, step by step, with the forward's states and our state-gradient pass."""
+    """The chunked GLA backward, from the forward's states and our state-gradient pass."""
     BT = _gla_chunk(q.shape[1])
     do = do.contiguous()
     dh, dM0 = _chunk_states_bwd(q, k, v, g_cumsum, M0, do, dM_T, scale, BT)
+    dM0 = q.new_empty(0) if dM0 is None else dM0
+    if INTRA_KERNELS == "own":
+        dq, dk, dv, dg = gla_chunk.gla_chunk_bwd(q, k, v, g_cumsum, h, dh, do, scale)
+        return dq, dk, dv, dg, dM0
+    from fla.ops.gla.chunk import chunk_gla_bwd_dA, chunk_gla_bwd_dqk_intra, chunk_gla_bwd_dqkg, chunk_gla_bwd_dv
     dv = chunk_gla_bwd_dv(k=k, g=g_cumsum, A=A, do=do, dh=dh, chunk_size=BT)
     dA = chunk_gla_bwd_dA(v=v, do=do, scale=scale, chunk_size=BT)
     dq, dk = chunk_gla_bwd_dqk_intra(q=q, k=k, g=g_cumsum, dA=dA, chunk_size=BT)
     dq, dk, dg = chunk_gla_bwd_dqkg(q=q, k=k, v=v, h=h, g=g_cumsum, do=do, dh=dh, dq=dq, dk=dk, scale=scale,
                                     chunk_size=BT)
-    dM0 = q.new_empty(0) if dM0 is None else dM0
     # dq, dk are cast here, not left fp32 for the compiled graph to cast: fused there into in_proj's
     # gradient kernel, they made it 5x slower on an H100 (benchmarks/RESULTS.md, runs AB and AF).
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dM0
@@ -180,12 +197,12 @@ def _(q, k, v, g_cumsum, A, h, scale, M0, do, dM_T):
 
 def _gla_setup(ctx, inputs, output):
     q, k, v, _, scale, M0 = inputs
-    _, _, A, g_cumsum, h = output
+    _, _, g_cumsum, h, A = output
     ctx.save_for_backward(q, k, v, g_cumsum, A, h, M0)
     ctx.scale, ctx.has_M0 = scale, M0 is not None
 
 
-def _gla_backward(ctx, do, dM_T, _dA, _dgc, _dh):
+def _gla_backward(ctx, do, dM_T, _dgc, _dh, _dA):
     q, k, v, g_cumsum, A, h, M0 = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(v)

@@ -1,0 +1,77 @@
+"""GPU time of gla_chunk.py's two kernels alone (the long-term memory inside its chunks), for each
+number of warps per program: medians of CUDA-event timings, a table and a JSON file.
+
+    python benchmarks/sweep_gla_chunk.py --shapes 4x512,4x8192 --warps 1,2,4,8 --out sweep_gla.json
+
+Shapes are B x T of one layer's long-term memory (H heads of d_h), as the model calls it; with both
+experts active the batched layer runs B = 2 x the batch. `--decay-scale` multiplies the log-decays
+(1/16 is the model's initial scale; 2 and above send every chunk down the exact path).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="4x512,4x8192")
+    p.add_argument("--warps", default="1,2,4,8")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--decay-scale", type=float, default=1 / 16)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def timed(fn, repeats):
+    import torch
+    fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+    if not torch.cuda.is_available():
+        sys.exit("sweep_gla_chunk.py: needs a CUDA GPU")
+    from mm_rec.ops.gpu import gla_chunk
+    from mm_rec.ops.gpu.chunk_states import chunk_states_bwd, chunk_states_fwd
+    rows = []
+    for shape in args.shapes.split(","):
+        B, T = (int(x) for x in shape.split("x"))
+        H, D = args.heads, args.head_dim
+        q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        g = F.logsigmoid(2 * torch.randn(B, T, H, D, device="cuda")) * args.decay_scale
+        gc = gla_chunk.chunk_cumsum(g)
+        h, _ = chunk_states_fwd(k, v, gc, None, gla_chunk.BT)
+        dh, _ = chunk_states_bwd(q, do, gc, None, D ** -0.5, gla_chunk.BT, need_dM0=False)
+        for w in (int(x) for x in args.warps.split(",")):
+            gla_chunk.NUM_WARPS_FWD = gla_chunk.NUM_WARPS_BWD = w
+            fwd = timed(lambda: gla_chunk.gla_chunk_fwd(q, k, v, gc, h, D ** -0.5), args.repeats)
+            bwd = timed(lambda: gla_chunk.gla_chunk_bwd(q, k, v, gc, h, dh, do, D ** -0.5), args.repeats)
+            rows.append(dict(shape=shape, warps=w, fwd_us=round(fwd, 1), bwd_us=round(bwd, 1)))
+            print(f"{shape:8s} warps {w}  fwd {fwd:7.1f} us  bwd {bwd:7.1f} us", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(args=vars(args), device=torch.cuda.get_device_name(),
+                                                  rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
