@@ -1,8 +1,9 @@
-"""GPU backend of the recurrences (fla-core Triton kernels), registered on import.
+"""GPU backend of the recurrences (our Triton kernels), registered on import.
 
 `mm_rec.ops.short_term_memory` / `long_term_memory` import this package the first time they see a
-CUDA tensor with kernels allowed; if fla-core or Triton is missing the import fails and the plain
-PyTorch chunked ops run instead (`pip install fla-core` enables the kernels).
+CUDA tensor with kernels allowed; if Triton is missing the import fails and the plain PyTorch
+chunked ops run instead. fla-core is optional: its GLA kernels are there to compare with
+(recurrences.INTRA_KERNELS = "fla", STATE_PASS = "fla", benchmarks/bench_ops.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ if not torch.cuda.is_available():
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-# fla-core autotunes each kernel on its first call (~210 s on a fresh H100). Its GLA kernels at our
+# fla-core (when compared with) autotunes each kernel on its first call (~210 s on a fresh H100). Its GLA kernels at our
 # head size (d_h = 32) run with the configs tuned once on an H100 (Triton 3.6, fla-core 0.6.0) and
 # shipped in fla_configs/. Set FLA_CACHE_MODE yourself (e.g. "disabled") to autotune instead.
 if "FLA_CACHE_MODE" not in os.environ:
