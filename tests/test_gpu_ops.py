@@ -77,21 +77,8 @@ def test_short_term_kernel(T, dtype, with_state):
 @pytest.mark.parametrize("with_state", [False, True])
 def test_long_term_kernel(T, dtype, with_state):
     torch.manual_seed(100 + T + with_state)
-    B, H, Dk = 2, 8, 32
-    q, k, v = (torch.randn(B, T, H, Dk, device=DEV).to(dtype) for _ in range(3))
     # The model's decay: logsigmoid(.) / 16, in fp32 whatever the activations' dtype.
-    log_alpha = F.logsigmoid(2 * torch.randn(B, T, H, Dk, device=DEV)) / 16
-    M0 = torch.randn(B, H, Dk, Dk, device=DEV) if with_state else None
-    inputs = [q, k, v, log_alpha, M0]
-    weights = [torch.randn(B, T, H, Dk, device=DEV, dtype=torch.float64),
-               torch.randn(B, H, Dk, Dk, device=DEV, dtype=torch.float64)]
-    scale = Dk ** -0.5
-    outs, grads = run_and_grads(lambda *a: long_term_gpu(*a, scale=scale), inputs, weights)
-    assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
-    ref_in = [None if t is None else t.double() for t in inputs]
-    # chunk 64: a quarter of the default's sequential chunk steps (float64 is exact at either size)
-    ref_outs, ref_grads = run_and_grads(lambda *a: long_term_chunked(*a, scale=scale, chunk_size=64), ref_in, weights)
-    check(f"long T={T} {dtype} h0={with_state}", outs, grads, ref_outs, ref_grads, dtype)
+    check_long_term(f"long T={T} {dtype} h0={with_state}", 2, T, 8, 32, dtype, with_state, 1 / 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -103,17 +90,32 @@ def test_long_term_kernel_with_decays_beyond_fp32_range(dtype, with_state, stren
     computes the others exactly: strength 1.5 mixes the two kinds of chunk (about half are
     factorised), 20 has only exact ones. T = 1000 ends in a partial chunk."""
     torch.manual_seed(7 + with_state + int(strength))
-    B, T, H, Dk = 2, 1000, 4, 32
+    check_long_term(f"long strong decay {dtype} h0={with_state}", 2, 1000, 4, 32, dtype, with_state, strength)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [8, 16, 64])
+def test_long_term_kernel_at_other_head_sizes(head_dim, dtype):
+    """Heads of 8 (tiles padded to 16 columns), 16 (the tiny preset's) and 64."""
+    torch.manual_seed(head_dim)
+    check_long_term(f"long head_dim={head_dim} {dtype}", 2, 1000, 4, head_dim, dtype, True, 1 / 16)
+
+
+def check_long_term(name, B, T, H, Dk, dtype, with_state, decay_scale):
+    """long_term_gpu against the float64 chunked reference: outputs, M_T, every gradient."""
     q, k, v = (torch.randn(B, T, H, Dk, device=DEV).to(dtype) for _ in range(3))
-    log_alpha = F.logsigmoid(2 * torch.randn(B, T, H, Dk, device=DEV)) * strength
+    log_alpha = F.logsigmoid(2 * torch.randn(B, T, H, Dk, device=DEV)) * decay_scale
     M0 = torch.randn(B, H, Dk, Dk, device=DEV) if with_state else None
     inputs = [q, k, v, log_alpha, M0]
     weights = [torch.randn(B, T, H, Dk, device=DEV, dtype=torch.float64),
                torch.randn(B, H, Dk, Dk, device=DEV, dtype=torch.float64)]
-    outs, grads = run_and_grads(lambda *a: long_term_gpu(*a), inputs, weights)
+    scale = Dk ** -0.5
+    outs, grads = run_and_grads(lambda *a: long_term_gpu(*a, scale=scale), inputs, weights)
+    assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
     ref_in = [None if t is None else t.double() for t in inputs]
-    ref_outs, ref_grads = run_and_grads(lambda *a: long_term_chunked(*a, chunk_size=64), ref_in, weights)
-    check(f"long strong decay {dtype} h0={with_state}", outs, grads, ref_outs, ref_grads, dtype)
+    # chunk 64: a quarter of the default's sequential chunk steps (float64 is exact at either size)
+    ref_outs, ref_grads = run_and_grads(lambda *a: long_term_chunked(*a, scale=scale, chunk_size=64), ref_in, weights)
+    check(name, outs, grads, ref_outs, ref_grads, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
