@@ -1,7 +1,10 @@
-"""GPU time of gla_chunk.py's two kernels alone (the long-term memory inside its chunks), for each
-number of warps per program: medians of CUDA-event timings, a table and a JSON file.
+"""GPU time of the long-term memory's kernels alone, for each launch configuration: gla_chunk.py's
+two kernels (inside the chunks) for each number of warps per program, and with --state-pass the
+chunk-boundary state passes of chunk_states.py for each scan tile (G chunks x BK x BV) and number
+of warps of the contribution kernel. Medians of CUDA-event timings, a table and a JSON file.
 
     python benchmarks/sweep_gla_chunk.py --shapes 4x512,4x8192 --warps 1,2,4,8 --out sweep_gla.json
+    python benchmarks/sweep_gla_chunk.py --shapes 4x8192 --state-pass --out sweep_states.json
 
 Shapes are B x T of one layer's long-term memory (H heads of d_h), as the model calls it; with both
 experts active the batched layer runs B = 2 x the batch. `--decay-scale` multiplies the log-decays
@@ -27,21 +30,29 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--decay-scale", type=float, default=1 / 16)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--inner", type=int, default=10, help="back-to-back calls per timing")
+    p.add_argument("--state-pass", action="store_true", help="sweep the state passes' configs instead")
+    p.add_argument("--scan-tiles", default="32x8x16,16x8x16,32x4x16,32x8x8,16x4x8,64x8x16",
+                   help="GxBKxBV tiles of the state scan (with --state-pass)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, inner):
+    """Median over `repeats` of the time of `inner` back-to-back calls / inner, in microseconds.
+    With inner > 1 the host queues ahead of the GPU, so launch latency drops out of GPU-bound
+    calls (the first sweeps, runs AL and AM, timed single calls: inner = 1)."""
     import torch
     fn()
     times = []
     for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
+        times.append(a.elapsed_time(b) * 1e3 / inner)
     return statistics.median(times)
 
 
@@ -62,15 +73,36 @@ def main(argv=None):
         gc = gla_chunk.chunk_cumsum(g)
         h, _ = chunk_states_fwd(k, v, gc, None, gla_chunk.BT)
         dh, _ = chunk_states_bwd(q, do, gc, None, D ** -0.5, gla_chunk.BT, need_dM0=False)
+        if args.state_pass:
+            rows += sweep_state_pass(args, shape, q, k, v, do, gc, D)
+            continue
         for w in (int(x) for x in args.warps.split(",")):
             gla_chunk.NUM_WARPS_FWD = gla_chunk.NUM_WARPS_BWD = w
-            fwd = timed(lambda: gla_chunk.gla_chunk_fwd(q, k, v, gc, h, D ** -0.5), args.repeats)
-            bwd = timed(lambda: gla_chunk.gla_chunk_bwd(q, k, v, gc, h, dh, do, D ** -0.5), args.repeats)
+            fwd = timed(lambda: gla_chunk.gla_chunk_fwd(q, k, v, gc, h, D ** -0.5), args.repeats, args.inner)
+            bwd = timed(lambda: gla_chunk.gla_chunk_bwd(q, k, v, gc, h, dh, do, D ** -0.5), args.repeats, args.inner)
             rows.append(dict(shape=shape, warps=w, fwd_us=round(fwd, 1), bwd_us=round(bwd, 1)))
             print(f"{shape:8s} warps {w}  fwd {fwd:7.1f} us  bwd {bwd:7.1f} us", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(args=vars(args), device=torch.cuda.get_device_name(),
                                                   rows=rows), indent=1))
+
+
+def sweep_state_pass(args, shape, q, k, v, do, gc, D):
+    """Forward (contributions + scan) and backward state pass for each scan tile and warps count."""
+    from mm_rec.ops.gpu import chunk_states, gla_chunk
+    rows = []
+    for tile in args.scan_tiles.split(","):
+        chunk_states.SCAN_G, chunk_states.SCAN_BK, chunk_states.SCAN_BV = (int(x) for x in tile.split("x"))
+        for w in (int(x) for x in args.warps.split(",")):
+            chunk_states.CONTRIBUTION_WARPS = w
+            fwd = timed(lambda: chunk_states.chunk_states_fwd(k, v, gc, None, gla_chunk.BT), args.repeats, args.inner)
+            bwd = timed(lambda: chunk_states.chunk_states_bwd(q, do, gc, None, D ** -0.5, gla_chunk.BT,
+                                                              need_dM0=False), args.repeats, args.inner)
+            rows.append(dict(shape=shape, scan_tile=tile, contribution_warps=w, fwd_us=round(fwd, 1),
+                             bwd_us=round(bwd, 1)))
+            print(f"{shape:8s} scan {tile:9s} contribution warps {w}  fwd {fwd:7.1f} us  bwd {bwd:7.1f} us",
+                  flush=True)
+    return rows
 
 
 if __name__ == "__main__":

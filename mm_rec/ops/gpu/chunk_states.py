@@ -24,9 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Scan tiles: G chunks x [BK, BV] elements per step of the loop. At K = V = 32, 8 programs per
-# (sequence, head); 256 chunks (T = 8192 at 32-token chunks) take 8 steps.
-SCAN_G, SCAN_BK, SCAN_BV = 32, 8, 16
+# Scan tiles: G chunks x [BK, BV] elements per step of the loop. At K = V = 32, 32 programs per
+# (sequence, head); 256 chunks (T = 8192 at 32-token chunks) take 16 steps. The fastest of seven
+# tiles at 4x8192 on an H100 (benchmarks/sweep_gla_chunk.py --state-pass, run AT): 76 + 73 us
+# forward + backward against 88 + 81 for the earlier 32 x 8 x 16.
+SCAN_G, SCAN_BK, SCAN_BV = 16, 4, 8
+CONTRIBUTION_WARPS = 4
 
 
 @triton.jit
@@ -124,7 +127,7 @@ def _contributions(a, b, g, scale, chunk_size, forward):
     out = a.new_empty(B, NT, H, K, V, dtype=torch.float32)
     _chunk_contribution_kernel[(NT, B * H)](
         a, b, g, out, scale, T, H=H, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
-        BV=max(16, triton.next_power_of_2(V)), FORWARD=forward, num_warps=4)
+        BV=max(16, triton.next_power_of_2(V)), FORWARD=forward, num_warps=CONTRIBUTION_WARPS)
     return out
 
 

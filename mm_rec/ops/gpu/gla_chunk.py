@@ -199,9 +199,10 @@ def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-# warps per program: 2 of 1, 2, 4, 8 were fastest both ways at 4x8192 and 4x512 on an H100
-# (benchmarks/sweep_gla_chunk.py, RESULTS.md)
-NUM_WARPS_FWD, NUM_WARPS_BWD = 2, 2
+# warps per program: of 1, 2, 4 (and 8), at 4x8192 on an H100 1 was fastest forward (59 us against
+# 64 for 2) and 2 backward (224 us against 312 and 292); at 8x512 all within 3 us
+# (benchmarks/sweep_gla_chunk.py, runs AL and AT in RESULTS.md)
+NUM_WARPS_FWD, NUM_WARPS_BWD = 1, 2
 
 
 def gla_chunk_fwd(q, k, v, g_cumsum, h, scale: float):
