@@ -29,6 +29,8 @@ LONG_CASES = {
     "mixed paths": (1, 96, 2, 32, 1.5, True),
     "exact path only": (1, 40, 2, 32, 20.0, True),
     "head size 8": (1, 70, 2, 8, 1 / 16, True),
+    "one token, state": (2, 1, 2, 32, 1 / 16, True),
+    "one whole chunk": (1, 32, 2, 32, 1 / 16, False),
 }
 # name: (B, T, D, initial state); T = 200 at D = 64 splits the scan into 4 segments (two passes)
 SHORT_CASES = {"one segment": (2, 50, 32, False), "four segments, state": (1, 200, 64, True)}
