@@ -130,9 +130,9 @@ def test_long_term_parallel_state_pass_matches_fla_sequential(T, dtype, with_sta
     from fla.ops.utils.cumsum import chunk_local_cumsum
 
     from mm_rec.ops.gpu.chunk_states import chunk_states_bwd, chunk_states_fwd
-    from mm_rec.ops.gpu.recurrences import GLA_CHUNK
+    from mm_rec.ops.gpu.gla_chunk import BT
     torch.manual_seed(T + with_state)
-    B, H, D, BT, scale = 3, 4, 32, GLA_CHUNK, 32 ** -0.5  # the chunk length the model runs
+    B, H, D, scale = 3, 4, 32, 32 ** -0.5  # BT: the chunk length the model runs
     q, k, v, do = (torch.randn(B, T, H, D, device=DEV).to(dtype) for _ in range(4))
     g = chunk_local_cumsum(F.logsigmoid(2 * torch.randn(B, T, H, D, device=DEV)) / 16, BT, scale=RCP_LN2)
     M0 = torch.randn(B, H, D, D, device=DEV) if with_state else None

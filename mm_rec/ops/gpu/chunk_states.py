@@ -1,7 +1,7 @@
 """The long-term memory's chunk-boundary states, computed in parallel over the chunks.
 
-The chunked GLA (fla's kernels, recurrences.py) needs the state M at every chunk boundary, and in
-backward its gradient. fla's chunk_fwd_h / chunk_bwd_dh carry the state through the chunks in one
+The chunked GLA (gla_chunk.py inside the chunks, or fla's kernels: recurrences.py) needs the state
+M at every chunk boundary, and in backward its gradient. fla's chunk_fwd_h / chunk_bwd_dh carry the state through the chunks in one
 program per (sequence, head): at T = 8192 that is 128 dependent steps, each a load of the chunk's
 k and v, a 64-deep matmul and a store, on 16 programs at batch 2 -- latency-bound, ~110 us each on
 an H100 while the GPU idles. Here the same states come in two kernels:
@@ -16,7 +16,8 @@ an H100 while the GPU idles. Here the same states come in two kernels:
 
 g is fla's base-2 cumulative log-decay within each chunk (chunk_local_cumsum(..., scale=1/ln 2)),
 [B, T, H, K] fp32. Outputs use fla's layout (h, dh: [B, NT, H, K, V] fp32) and meaning, so fla's
-other GLA kernels take them unchanged; tests/test_gpu_ops.py holds both to fla's sequential pass.
+other GLA kernels take them unchanged, as do ours; tests/test_gpu_ops.py holds both to fla's
+sequential pass.
 """
 from __future__ import annotations
 
