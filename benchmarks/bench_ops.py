@@ -137,6 +137,13 @@ def main(argv=None):
         return 2
     dev = torch.device("cuda")
     variants = args.variant_list
+    try:
+        import fla  # noqa: F401  optional (pip install -e ".[fla]"): its kernels are only compared with
+    except ImportError:
+        needs_fla = [v for v in variants if v != "gla" and v != "scan"]
+        if needs_fla:
+            print(f"skipped (fla-core is not installed): {', '.join(needs_fla)}")
+        variants = [v for v in variants if v not in needs_fla]
     fns = {v: variant_fn(v) for v in variants}
     H, D = args.heads, args.head_dim
     results = []
