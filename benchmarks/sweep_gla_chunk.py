@@ -35,7 +35,21 @@ def parse_args(argv=None):
     p.add_argument("--scan-tiles", default="32x8x16,16x8x16,32x4x16,32x8x8,16x4x8,64x8x16",
                    help="GxBKxBV tiles of the state scan (with --state-pass)")
     p.add_argument("--out", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+
+    def ints(text, flag, parts, example):  # "2x8192,4x512" -> [(2, 8192), (4, 512)], positive ints
+        try:
+            out = [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",")]
+            assert all(len(t) == parts and min(t) > 0 for t in out)
+            return out
+        except (ValueError, AssertionError):
+            p.error(f"{flag} must be a comma-separated list like {example} of positive integers (got {text!r})")
+    args.shape_list = ints(args.shapes, "--shapes", 2, "4x8192")
+    args.warp_list = [w for (w,) in ints(args.warps, "--warps", 1, "1,2,4")]
+    args.tile_list = ints(args.scan_tiles, "--scan-tiles", 3, "16x4x8")
+    if any(n & (n - 1) for tile in args.tile_list for n in tile) or any(w & (w - 1) for w in args.warp_list):
+        p.error("--scan-tiles and --warps take powers of two (Triton's block sizes and warp counts)")
+    return args
 
 
 def timed(fn, repeats, inner):
@@ -65,8 +79,7 @@ def main(argv=None):
     from mm_rec.ops.gpu import gla_chunk
     from mm_rec.ops.gpu.chunk_states import chunk_states_bwd, chunk_states_fwd
     rows = []
-    for shape in args.shapes.split(","):
-        B, T = (int(x) for x in shape.split("x"))
+    for shape, (B, T) in zip(args.shapes.split(","), args.shape_list):
         H, D = args.heads, args.head_dim
         q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         g = F.logsigmoid(2 * torch.randn(B, T, H, D, device="cuda")) * args.decay_scale
@@ -76,7 +89,7 @@ def main(argv=None):
         if args.state_pass:
             rows += sweep_state_pass(args, shape, q, k, v, do, gc, D)
             continue
-        for w in (int(x) for x in args.warps.split(",")):
+        for w in args.warp_list:
             gla_chunk.NUM_WARPS_FWD = gla_chunk.NUM_WARPS_BWD = w
             fwd = timed(lambda: gla_chunk.gla_chunk_fwd(q, k, v, gc, h, D ** -0.5), args.repeats, args.inner)
             bwd = timed(lambda: gla_chunk.gla_chunk_bwd(q, k, v, gc, h, dh, do, D ** -0.5), args.repeats, args.inner)
@@ -91,9 +104,9 @@ def sweep_state_pass(args, shape, q, k, v, do, gc, D):
     """Forward (contributions + scan) and backward state pass for each scan tile and warps count."""
     from mm_rec.ops.gpu import chunk_states, gla_chunk
     rows = []
-    for tile in args.scan_tiles.split(","):
-        chunk_states.SCAN_G, chunk_states.SCAN_BK, chunk_states.SCAN_BV = (int(x) for x in tile.split("x"))
-        for w in (int(x) for x in args.warps.split(",")):
+    for tile, (G, BK, BV) in zip(args.scan_tiles.split(","), args.tile_list):
+        chunk_states.SCAN_G, chunk_states.SCAN_BK, chunk_states.SCAN_BV = G, BK, BV
+        for w in args.warp_list:
             chunk_states.CONTRIBUTION_WARPS = w
             fwd = timed(lambda: chunk_states.chunk_states_fwd(k, v, gc, None, gla_chunk.BT), args.repeats, args.inner)
             bwd = timed(lambda: chunk_states.chunk_states_bwd(q, do, gc, None, D ** -0.5, gla_chunk.BT,

@@ -20,6 +20,16 @@ def test_bench_train_help_runs_without_a_gpu():
         assert variant in r.stdout
 
 
+
+def test_sweep_gla_chunk_rejects_bad_lists_in_one_line():
+    """Checked before any GPU is looked for: a malformed or non-power-of-two list is a usage error."""
+    for args, fragment in ((["--shapes", "4x"], "--shapes must be"), (["--scan-tiles", "16x4"], "--scan-tiles must be"),
+                           (["--warps", "3"], "powers of two")):
+        r = subprocess.run([sys.executable, "benchmarks/sweep_gla_chunk.py", *args], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert fragment in r.stderr.strip().splitlines()[-1]
+
 def test_transformer_baseline_matches_mmrec_parameter_count():
     cfg = MMRecConfig(**PRESETS["100m"])
     with torch.device("meta"):
