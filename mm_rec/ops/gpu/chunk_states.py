@@ -1,10 +1,11 @@
 """The long-term memory's chunk-boundary states, computed in parallel over the chunks.
 
 The chunked GLA (gla_chunk.py inside the chunks, or fla's kernels: recurrences.py) needs the state
-M at every chunk boundary, and in backward its gradient. fla's chunk_fwd_h / chunk_bwd_dh carry the state through the chunks in one
-program per (sequence, head): at T = 8192 that is 128 dependent steps, each a load of the chunk's
-k and v, a 64-deep matmul and a store, on 16 programs at batch 2 -- latency-bound, ~110 us each on
-an H100 while the GPU idles. Here the same states come in two kernels:
+M at every chunk boundary, and in backward its gradient. fla's chunk_fwd_h / chunk_bwd_dh carry
+the state through the chunks in one program per (sequence, head): at T = 8192 that is 128
+dependent steps (64-token chunks), each a load of the chunk's k and v, a 64-deep matmul and a
+store, on 16 programs at batch 2 -- latency-bound, ~110 us each on an H100 while the GPU idles.
+Here the same states come in two kernels:
 
   1. each chunk's own contribution, one program per (sequence, head, chunk), all in parallel:
          forward   U_c = (k_c * 2^(g_last_c - g_c))^T v_c                       [K, V]
