@@ -17,6 +17,8 @@ autocast) of
   ffn-only-graphed     the floor: the Transformer's blocks without their mixer (FFN only) at MM-Rec's
                        FFN width, i.e. an MM-Rec step minus its mixer, treated as transformer-graphed.
                        Transformer / floor is the highest "vs T-graph" any mixer could reach
+  NAME-nocombo         a compiled or graphed variant compiled without Inductor's combo kernels
+                       (mm_rec/utils/compile.py; the others have them, the Transformer's too)
   fla-gla              flash-linear-attention's GLAForCausalLM of similar size (if it imports:
                        fla.models ships in the flash-linear-attention wheel, not in fla-core)
 Variants are interleaved: every repeat times each variant in turn; the table reports medians.
@@ -87,8 +89,24 @@ def mmrec_config():
     return MMRecConfig(**PRESETS["100m"])
 
 
+NOCOMBO = "-nocombo"
+
+
+def base_variant(variant):
+    """The variant without its -nocombo suffix: what is built and how it is stepped."""
+    return variant.removesuffix(NOCOMBO)
+
+
+def check_variant(variant):
+    base = base_variant(variant)
+    if base not in VARIANTS or (variant != base and not ("compiled" in base or "graphed" in base)):
+        raise SystemExit(f"error: unknown variant {variant!r}; choose from {', '.join(VARIANTS)} "
+                         f"(a compiled or graphed one may end in {NOCOMBO})")
+
+
 def build(variant, device):
     import torch
+    variant = base_variant(variant)
     from mm_rec.model import MMRec100M
     from benchmarks.baselines.transformer import TransformerBaseline, matched_ffn_dim
     cfg = mmrec_config()
@@ -126,6 +144,7 @@ def matmul_params(model, variant, expert_type, fusion):
 
 
 def mixer_flops_per_token(variant, T, expert_type, model):
+    variant = base_variant(variant)
     if variant == "fla-gla":
         c = model.config
         H, dk, dv = c.num_heads, int(c.hidden_size * c.expand_k) // c.num_heads, int(c.hidden_size * c.expand_v) // c.num_heads
@@ -154,14 +173,21 @@ def make_step(model, variant, compile_mode):
             return model.loss(x, y, expert_type=expert_type)
 
     from mm_rec.training.step_graph import GraphedStep, inner_compile_mode
+    from mm_rec.utils import compile as compile_settings
+    combo = not variant.endswith(NOCOMBO)
+    variant = base_variant(variant)
     graphed = "graphed" in variant
     mode = None if compile_mode == "default" else compile_mode
     if graphed:  # the compiled parts run inside the step's graph: no CUDA graphs of their own
         mode = inner_compile_mode(mode)
-    if variant in ("mmrec-gpu-compiled", "mmrec-gpu-graphed"):  # the layer, once for all layers
-        model.compile_blocks(mode=mode)
-    elif "compiled" in variant or graphed:  # the whole loss: model, LM head, cross-entropy
-        loss_fn = torch.compile(loss_fn, mode=mode)
+    default_combo, compile_settings.COMBO_KERNELS = compile_settings.COMBO_KERNELS, combo
+    try:
+        if variant in ("mmrec-gpu-compiled", "mmrec-gpu-graphed"):  # the layer, once for all layers
+            model.compile_blocks(mode=mode)
+        elif "compiled" in variant or graphed:  # the whole loss: model, LM head, cross-entropy
+            loss_fn = compile_settings.compile_fn(loss_fn, mode=mode)
+    finally:
+        compile_settings.COMBO_KERNELS = default_combo
 
     compiled = "compiled" in variant
 
@@ -231,8 +257,7 @@ def main(argv=None):
     torch._dynamo.config.cache_size_limit = 64
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"error: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        check_variant(v)
     import mm_rec.ops.gpu  # noqa: F401  first: it points fla at the shipped kernel configs (no autotuning)
     if "fla-gla" in variants:
         try:
@@ -346,8 +371,12 @@ def write_json(args, props, torch, ceiling, results):
 
 
 def print_table(results):
-    def rates(variant):
-        return {r["shape"]: r["tokens_per_s"] for r in results if r["variant"] == variant and "tokens_per_s" in r}
+    def rates(variant):  # the better of the variant with and without combo kernels, per shape
+        best = {}
+        for r in results:
+            if r["variant"] in (variant, variant + NOCOMBO) and "tokens_per_s" in r:
+                best[r["shape"]] = max(best.get(r["shape"], 0), r["tokens_per_s"])
+        return best
     base_e, base_c, base_g = rates("transformer"), rates("transformer-compiled"), rates("transformer-graphed")
     print(f"\n{'shape':9s} {'BxT':>8s} {'variant':24s} {'tok/s':>9s} {'ms/step':>8s} {'TFLOP/s':>8s} "
           f"{'MFU':>6s} {'MFU*':>6s} {'peak GiB':>8s} {'vs T-eager':>10s} {'vs T-comp':>9s} {'vs T-graph':>10s}")
@@ -361,7 +390,8 @@ def print_table(results):
               f"{r['tflops']:8.1f} {r['mfu_peak'] * 100:5.1f}% {r['mfu_measured'] * 100:5.1f}% "
               f"{r['peak_mem_gib']:8.1f} {rel(base_e):>10s} {rel(base_c):>9s} {rel(base_g):>10s}")
     print("MFU: against 989 TFLOP/s; MFU*: against the measured matmul ceiling. "
-          "T-eager / T-comp / T-graph: the Transformer eager, compiled, compiled with the step graphed.")
+          "T-eager / T-comp / T-graph: the Transformer eager, compiled, compiled with the step graphed "
+          f"(the faster of with and without combo kernels where both ran).")
 
 
 def profile(spec, models, steps, dev, rows=25):

@@ -20,6 +20,26 @@ def test_bench_train_help_runs_without_a_gpu():
         assert variant in r.stdout
 
 
+def test_nocombo_variants_are_checked_and_the_ratio_takes_the_faster_transformer(capsys):
+    """A compiled or graphed variant may end in -nocombo (compiled without Inductor's combo
+    kernels); "vs T-graph" divides by the faster of the Transformer's two graphed rows."""
+    import pytest
+    from benchmarks import bench_train as bt
+    bt.check_variant("transformer-graphed-nocombo")
+    assert bt.base_variant("mmrec-gpu-graphed-nocombo") == "mmrec-gpu-graphed"
+    for bad in ("transformer-nocombo", "mmrec-gpu-graphed-combo", "nocombo"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            bt.check_variant(bad)
+    row = lambda v, tok: {"shape": "stage1", "batch": 4, "seq_len": 512, "variant": v, "tokens_per_s": tok,
+                          "step_s": 2048 / tok, "tflops": 1.0, "mfu_peak": 0.1, "mfu_measured": 0.1,
+                          "peak_mem_gib": 1.0}
+    bt.print_table([row("mmrec-gpu-graphed", 150.0), row("transformer-graphed", 100.0),
+                    row("transformer-graphed-nocombo", 120.0)])
+    lines = {line.split()[2]: line.split() for line in capsys.readouterr().out.splitlines()
+             if line.startswith("stage1")}
+    assert lines["mmrec-gpu-graphed"][-1] == "1.25"       # 150 / 120, not 150 / 100
+    assert lines["transformer-graphed"][-1] == "0.83"
+
 
 def test_sweep_gla_chunk_rejects_bad_lists_in_one_line():
     """Checked before any GPU is looked for: a malformed or non-power-of-two list is a usage error."""

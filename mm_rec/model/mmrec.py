@@ -65,16 +65,18 @@ class MMRec100M(nn.Module):
         (and, with mode="reduce-overhead", one CUDA graph per call) serves them all and compile
         time does not grow with depth. loss() also compiles its LM head and cross-entropy (per
         chunk); the embedding and the fusion layer stay eager (a few ops). Applies to the fused path
-        (use_kernel_fusion, the default). Returns self."""
+        (use_kernel_fusion, the default). Inductor's combo kernels are on (mm_rec/utils/compile.py).
+        Returns self."""
         from ..ops import load_gpu_backend
+        from ..utils.compile import compile_fn
         from .loss import _head_loss_sum
         from .stacked import _stacked_block
         # The kernels are imported before tracing: the traced recurrences call them, not PyTorch's.
         load_gpu_backend()
-        self._block_fn = torch.compile(_stacked_block, mode=mode, fullgraph=True, **compile_kwargs)
+        self._block_fn = compile_fn(_stacked_block, mode=mode, fullgraph=True, **compile_kwargs)
         # The LM head and loss per chunk: compiled too (no CUDA graphs: a few large kernels), so the
         # fp32 cast, log-softmax and gather are fused rather than the chunk's fp32 logits written out.
-        self._head_loss_fn = torch.compile(_head_loss_sum, fullgraph=True)
+        self._head_loss_fn = compile_fn(_head_loss_sum, fullgraph=True)
         return self
 
     @property

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..model.config import MMRecConfig
 from ..model.mmrec import MMRec100M
 from ..ops import load_gpu_backend
+from ..utils.compile import compile_fn
 from ..utils.errors import UserError
 from ..utils.device import resolve_device
 from . import distributed as D
@@ -127,7 +128,7 @@ class Trainer:
         if cfg.compile and cfg.compile_scope == "layer":
             self.model.compile_blocks(mode=mode)
         elif cfg.compile:
-            self.loss_fn = torch.compile(self.model.loss, mode=mode)
+            self.loss_fn = compile_fn(self.model.loss, mode=mode)
 
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
