@@ -65,18 +65,20 @@ class MMRec100M(nn.Module):
         (and, with mode="reduce-overhead", one CUDA graph per call) serves them all and compile
         time does not grow with depth. loss() also compiles its LM head and cross-entropy (per
         chunk); the embedding and the fusion layer stay eager (a few ops). Applies to the fused path
-        (use_kernel_fusion, the default). Inductor's combo kernels are on (mm_rec/utils/compile.py).
-        Returns self."""
+        (use_kernel_fusion, the default). The layer gets Inductor's combo kernels where a call has
+        few tokens (mm_rec/utils/compile.py). Returns self."""
         from ..ops import load_gpu_backend
-        from ..utils.compile import compile_fn
+        from ..utils.compile import compile_by_tokens, compile_fn
         from .loss import _head_loss_sum
         from .stacked import _stacked_block
         # The kernels are imported before tracing: the traced recurrences call them, not PyTorch's.
         load_gpu_backend()
-        self._block_fn = compile_fn(_stacked_block, mode=mode, fullgraph=True, **compile_kwargs)
+        # x [E, B, T, d]: combo kernels for calls of few tokens (mm_rec/utils/compile.py)
+        self._block_fn = compile_by_tokens(_stacked_block, lambda linears, norms, x, *_: x.numel() // x.shape[-1],
+                                           mode=mode, fullgraph=True, **compile_kwargs)
         # The LM head and loss per chunk: compiled too (no CUDA graphs: a few large kernels), so the
         # fp32 cast, log-softmax and gather are fused rather than the chunk's fp32 logits written out.
-        self._head_loss_fn = compile_fn(_head_loss_sum, fullgraph=True)
+        self._head_loss_fn = compile_fn(_head_loss_sum, combo=False, fullgraph=True)
         return self
 
     @property

@@ -1,25 +1,44 @@
 """torch.compile as the model's compiled layer, the trainer and the benchmarks all call it."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-# Inductor's combo kernels: independent kernels of one graph (the gates' pointwise work, the norms'
-# reductions, the biases' gradients, ...) launched as one. A layer's step is about a hundred kernels
-# of a few microseconds each at Stage 1's shape; on an H100 this took the graphed Stage 1 step of
-# the 100M model from 12.6 to 11.5 ms (benchmarks/RESULTS.md, run AW). Off: COMBO_KERNELS = False
-# before compiling (bench_train.py --no-combo-kernels).
+# Inductor's combo kernels launch independent kernels of one graph (the gates' pointwise work, the
+# norms' reductions, the biases' gradients, ...) as one, each part with its own block sizes. They
+# pay where kernels are small and launch-bound and cost where they are large. The graphed 100M
+# step on an H100 (benchmarks/RESULTS.md, runs AX and AY), combo kernels against none:
+#   4x512, both experts (4,096 tokens a layer call)     11.5 against 12.5 ms
+#   2x8192, one expert (Stage 2, 16,384)                 33.3 against 34.1 ms
+#   2x8192, both experts (32,768)                        62.1 against 60.6 ms
+# so a layer call gets them up to COMBO_KERNELS_MAX_TOKENS tokens (experts x batch x time).
+# COMBO_KERNELS = False turns them off everywhere (bench_train.py's -nocombo variants).
 COMBO_KERNELS = True
+COMBO_KERNELS_MAX_TOKENS = 16384
 
 
-def inductor_options(mode: str | None = None) -> dict:
-    """Inductor's options for `mode` (None: the default), combo kernels added. torch.compile takes
-    a mode or options, not both: the mode's own options are spelled out here."""
+def inductor_options(mode: str | None = None, combo: bool = True) -> dict:
+    """Inductor's options for `mode` (None: the default), combo kernels added when `combo` and
+    COMBO_KERNELS. torch.compile takes a mode or options, not both: the mode's own are spelled out."""
     options = dict(torch._inductor.list_mode_options(mode or "default"))
-    if COMBO_KERNELS:
-        options["combo_kernels"] = True
+    if combo and COMBO_KERNELS:
+        options.update({"combo_kernels": True, "combo_kernel_per_subkernel_blocks": True})
     return options
 
 
-def compile_fn(fn, mode: str | None = None, **kwargs):
-    """torch.compile(fn, mode=mode, **kwargs) with inductor_options(mode)."""
-    return torch.compile(fn, options=inductor_options(mode), **kwargs)
+def compile_fn(fn: Callable, mode: str | None = None, combo: bool = True, **kwargs) -> Callable:
+    """torch.compile(fn, mode=mode, **kwargs) with inductor_options(mode, combo)."""
+    return torch.compile(fn, options=inductor_options(mode, combo), **kwargs)
+
+
+def compile_by_tokens(fn: Callable, tokens: Callable[..., int], mode: str | None = None, **kwargs) -> Callable:
+    """fn compiled twice: with combo kernels for calls of at most COMBO_KERNELS_MAX_TOKENS tokens
+    (tokens(*args)), without them above. Each compiles on its first call; a captured CUDA graph
+    holds whichever ran."""
+    small = compile_fn(fn, mode, combo=True, **kwargs)
+    large = compile_fn(fn, mode, combo=False, **kwargs)
+
+    def by_tokens(*args):
+        return (small if tokens(*args) <= COMBO_KERNELS_MAX_TOKENS else large)(*args)
+    return by_tokens
