@@ -41,13 +41,18 @@ def test_nocombo_variants_are_checked_and_the_ratio_takes_the_faster_transformer
     assert lines["transformer-graphed"][-1] == "0.83"
 
 
-def test_sweep_gla_chunk_rejects_bad_lists_in_one_line():
+def test_kernel_sweeps_reject_bad_lists_in_one_line():
     """Checked before any GPU is looked for: a malformed or non-power-of-two list is a usage error."""
-    for args, fragment in ((["--shapes", "4x"], "--shapes must be"), (["--scan-tiles", "16x4"], "--scan-tiles must be"),
-                           (["--warps", "3"], "powers of two")):
-        r = subprocess.run([sys.executable, "benchmarks/sweep_gla_chunk.py", *args], cwd=ROOT,
+    for script, args, fragment in (
+            ("sweep_gla_chunk.py", ["--shapes", "4x"], "--shapes must be"),
+            ("sweep_gla_chunk.py", ["--scan-tiles", "16x4"], "--scan-tiles must be"),
+            ("sweep_gla_chunk.py", ["--warps", "3"], "powers of two"),
+            ("sweep_diag_scan.py", ["--tiles", "64"], "--tiles must be"),
+            ("sweep_diag_scan.py", ["--tiles", "48x64"], "powers of two"),
+            ("sweep_diag_scan.py", ["--programs-per-sm", "0"], "--programs-per-sm must be")):
+        r = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT,
                            capture_output=True, text=True)
-        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (script, args, r.stderr)
         assert fragment in r.stderr.strip().splitlines()[-1]
 
 def test_transformer_baseline_matches_mmrec_parameter_count():

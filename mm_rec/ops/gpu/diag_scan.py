@@ -15,7 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+# Tile (tokens x channels), warps per program, and programs wanted per SM when the sequence is cut
+# into segments: set from benchmarks/sweep_diag_scan.py on an H100.
 BT, BD = 64, 64
+NUM_WARPS = 4
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -84,8 +88,8 @@ def diag_scan_kernel(X, G, H, HPREV, H0, SUM_A, SUM_X, DG, T, NS, SEG,
 
 
 def _segments(B, T, D):
-    """Segment length (a multiple of BT) giving about 4 programs per SM."""
-    want = max(1, (4 * 132) // (B * triton.cdiv(D, BD)))
+    """Segment length (a multiple of BT) giving about PROGRAMS_PER_SM programs per SM (132 SMs)."""
+    want = max(1, (PROGRAMS_PER_SM * 132) // (B * triton.cdiv(D, BD)))
     ns = max(1, min(want, triton.cdiv(T, BT)))
     seg = triton.cdiv(triton.cdiv(T, ns), BT) * BT
     return triton.cdiv(T, seg), seg
@@ -103,11 +107,11 @@ def _run(x, g, h0, reverse, hprev=None):
         diag_scan_kernel[(triton.cdiv(D, BD), ns, B)](
             x, g, out, hprev if reverse else x, h0 if h0 is not None else x, sum_a, sum_x, dg,
             T, ns, seg, D=D, BT=BT, BD=BD, REVERSE=reverse, APPLY=False, HAS_H0=h0 is not None,
-            num_warps=4)
+            num_warps=NUM_WARPS)
     diag_scan_kernel[(triton.cdiv(D, BD), ns, B)](
         x, g, out, hprev if reverse else x, h0 if h0 is not None else x, sum_a, sum_x, dg,
         T, ns, seg, D=D, BT=BT, BD=BD, REVERSE=reverse, APPLY=True, HAS_H0=h0 is not None,
-        num_warps=4)
+        num_warps=NUM_WARPS)
     return out, dg
 
 
