@@ -1,8 +1,10 @@
 """GPU time of the short-term memory's scan alone (mm_rec/ops/gpu/diag_scan.py) for each launch
 configuration: tile (BT tokens x BD channels), warps per program and programs wanted per SM (how
 finely the sequence is cut into segments). Forward (diag_scan_fwd) and backward (diag_scan_bwd)
-timed separately; every configuration's results are checked against the shipped configuration's.
-Medians of CUDA-event timings, a table and a JSON file.
+timed separately as GPU time (the kernels' own time from torch.profiler, averaged over the calls:
+what a CUDA-graphed step pays) and as wall time per call (medians of CUDA-event timings of
+back-to-back calls, host launches included). Every configuration's results are checked against
+the shipped configuration's. A table and a JSON file.
 
     python benchmarks/sweep_diag_scan.py --shapes 4x8192,8x512 --out sweep_scan.json
 
@@ -21,6 +23,20 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.sweep_gla_chunk import timed  # noqa: E402  (the same timing: medians of back-to-back calls)
+
+
+def gpu_us(fn, calls):
+    """The CUDA kernels' own time per call of fn, in microseconds (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in events) / calls
 
 SETTINGS = ("BT", "BD", "NUM_WARPS", "PROGRAMS_PER_SM")
 
@@ -63,7 +79,8 @@ def main(argv=None):
 
     shipped = {name: getattr(diag_scan, name) for name in SETTINGS}
     rows = []
-    print(f"{'shape':>8s} {'BTxBD':>7s} {'warps':>5s} {'pr/SM':>5s} {'fwd us':>8s} {'bwd us':>8s} {'max err':>8s}")
+    print(f"{'shape':>8s} {'BTxBD':>7s} {'warps':>5s} {'pr/SM':>5s} {'fwd GPU':>8s} {'bwd GPU':>8s} "
+          f"{'fwd wall':>8s} {'bwd wall':>8s} {'max err':>8s}   (us a call)")
     for B, T in args.shape_list:
         gen = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(B, T, args.dim, device="cuda", generator=gen)
@@ -82,20 +99,25 @@ def main(argv=None):
                 dx, dg = diag_scan.diag_scan_bwd(dh, log_a, h)
                 err = max(((a - b).abs().max() / b.abs().max()).item()
                           for a, b in ((h, ref_h), (dx, ref_dx), (dg, ref_dg)))
-                fwd = timed(lambda: diag_scan.diag_scan_fwd(x, log_a), args.repeats, args.inner)
-                bwd = timed(lambda: diag_scan.diag_scan_bwd(dh, log_a, h), args.repeats, args.inner)
+                fwd_call = lambda: diag_scan.diag_scan_fwd(x, log_a)
+                bwd_call = lambda: diag_scan.diag_scan_bwd(dh, log_a, h)
+                fwd, bwd = gpu_us(fwd_call, args.repeats), gpu_us(bwd_call, args.repeats)
+                fwd_wall = timed(fwd_call, args.repeats, args.inner)
+                bwd_wall = timed(bwd_call, args.repeats, args.inner)
             finally:
                 for name, value in shipped.items():
                     setattr(diag_scan, name, value)
             row = {"shape": f"{B}x{T}", "dim": args.dim, **config, "fwd_us": fwd, "bwd_us": bwd,
+                   "fwd_wall_us": fwd_wall, "bwd_wall_us": bwd_wall,
                    "max_rel_err": err, "shipped": config is shipped}
             rows.append(row)
             mark = " (shipped)" if config is shipped else ""
             print(f"{row['shape']:>8s} {config['BT']:>3d}x{config['BD']:<3d} {config['NUM_WARPS']:5d} "
-                  f"{config['PROGRAMS_PER_SM']:5d} {fwd:8.1f} {bwd:8.1f} {err:8.1e}{mark}", flush=True)
+                  f"{config['PROGRAMS_PER_SM']:5d} {fwd:8.1f} {bwd:8.1f} {fwd_wall:8.1f} {bwd_wall:8.1f} {err:8.1e}{mark}",
+                  flush=True)
         best = min((r for r in rows if r["shape"] == f"{B}x{T}" and r["max_rel_err"] < 1e-4),
                    key=lambda r: r["fwd_us"] + r["bwd_us"])
-        print(f"{B}x{T}: best fwd+bwd {best['fwd_us'] + best['bwd_us']:.1f} us at "
+        print(f"{B}x{T}: best GPU time fwd+bwd {best['fwd_us'] + best['bwd_us']:.1f} us at "
               f"{best['BT']}x{best['BD']}, {best['NUM_WARPS']} warps, {best['PROGRAMS_PER_SM']} programs/SM")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
