@@ -18,7 +18,9 @@ autocast) of
                        FFN width, i.e. an MM-Rec step minus its mixer, treated as transformer-graphed.
                        Transformer / floor is the highest "vs T-graph" any mixer could reach
   NAME-nocombo         a compiled or graphed variant compiled without Inductor's combo kernels
-                       (mm_rec/utils/compile.py; the others have them, the Transformer's too)
+                       (mm_rec/utils/compile.py). Without the suffix MM-Rec's compiled layer has
+                       them for calls of at most 16,384 tokens, the Transformer's (and the floor's)
+                       compiled loss at every shape, MM-Rec's whole compiled loss never
   fla-gla              flash-linear-attention's GLAForCausalLM of similar size (if it imports:
                        fla.models ships in the flash-linear-attention wheel, not in fla-core)
 Variants are interleaved: every repeat times each variant in turn; the table reports medians.
@@ -185,7 +187,8 @@ def make_step(model, variant, compile_mode):
         if variant in ("mmrec-gpu-compiled", "mmrec-gpu-graphed"):  # the layer, once for all layers
             model.compile_blocks(mode=mode)
         elif "compiled" in variant or graphed:  # the whole loss: model, LM head, cross-entropy
-            loss_fn = compile_settings.compile_fn(loss_fn, mode=mode)
+            # (MM-Rec's whole loss as train_modular --compile_scope model compiles it: no combo kernels)
+            loss_fn = compile_settings.compile_fn(loss_fn, mode=mode, combo=not variant.startswith("mmrec"))
     finally:
         compile_settings.COMBO_KERNELS = default_combo
 
