@@ -22,7 +22,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.sweep_gla_chunk import timed  # noqa: E402  (the same timing: medians of back-to-back calls)
+# the same timing (medians of back-to-back calls) and list parsing as the GLA sweep
+from benchmarks.sweep_gla_chunk import int_tuples, timed  # noqa: E402
 
 
 def gpu_us(fn, calls):
@@ -53,14 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--inner", type=int, default=10, help="back-to-back calls per timing")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-
-    def ints(text, flag, parts, example):
-        try:
-            out = [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",")]
-            assert all(len(t) == parts and min(t) > 0 for t in out)
-            return out
-        except (ValueError, AssertionError):
-            p.error(f"{flag} must be a comma-separated list like {example} of positive integers (got {text!r})")
+    ints = lambda text, flag, parts, example: int_tuples(p, text, flag, parts, example)
     args.shape_list = ints(args.shapes, "--shapes", 2, "4x8192")
     args.tile_list = ints(args.tiles, "--tiles", 2, "64x64")
     args.warp_list = [w for (w,) in ints(args.warps, "--warps", 1, "2,4")]

@@ -22,6 +22,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def int_tuples(parser, text, flag, parts, example):
+    """ "2x8192,4x512" -> [(2, 8192), (4, 512)]: `parts` positive integers an item, or a usage
+    error (exit 2) naming `flag`."""
+    try:
+        out = [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",")]
+        assert all(len(t) == parts and min(t) > 0 for t in out)
+        return out
+    except (ValueError, AssertionError):
+        parser.error(f"{flag} must be a comma-separated list like {example} of positive integers (got {text!r})")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4x512,4x8192")
@@ -36,14 +47,7 @@ def parse_args(argv=None):
                    help="GxBKxBV tiles of the state scan (with --state-pass)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-
-    def ints(text, flag, parts, example):  # "2x8192,4x512" -> [(2, 8192), (4, 512)], positive ints
-        try:
-            out = [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",")]
-            assert all(len(t) == parts and min(t) > 0 for t in out)
-            return out
-        except (ValueError, AssertionError):
-            p.error(f"{flag} must be a comma-separated list like {example} of positive integers (got {text!r})")
+    ints = lambda text, flag, parts, example: int_tuples(p, text, flag, parts, example)
     args.shape_list = ints(args.shapes, "--shapes", 2, "4x8192")
     args.warp_list = [w for (w,) in ints(args.warps, "--warps", 1, "1,2,4")]
     args.tile_list = ints(args.scan_tiles, "--scan-tiles", 3, "16x4x8")
