@@ -20,6 +20,14 @@ def test_inductor_options_are_the_modes_own_with_combo_kernels(monkeypatch):
         compile_settings.inductor_options("fastest")
 
 
+def test_options_this_torch_lacks_are_left_out(monkeypatch):
+    """torch.compile rejects an option its Inductor does not know: an older torch without
+    per-sub-kernel blocks gets combo kernels alone."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.delattr(inductor_config, "combo_kernel_per_subkernel_blocks")
+    assert compile_settings.inductor_options(None) == {"combo_kernels": True}
+
+
 def test_compile_by_tokens_picks_the_combo_compile_for_small_calls_only(monkeypatch):
     """Two compiles of one function: calls of at most COMBO_KERNELS_MAX_TOKENS tokens go to the
     one with combo kernels, larger ones to the other; both compute the function."""

@@ -21,9 +21,13 @@ COMBO_KERNELS_MAX_TOKENS = 16384
 def inductor_options(mode: str | None = None, combo: bool = True) -> dict:
     """Inductor's options for `mode` (None: the default), combo kernels added when `combo` and
     COMBO_KERNELS. torch.compile takes a mode or options, not both: the mode's own are spelled out."""
+    import torch._inductor.config as inductor_config
     options = dict(torch._inductor.list_mode_options(mode or "default"))
     if combo and COMBO_KERNELS:
-        options.update({"combo_kernels": True, "combo_kernel_per_subkernel_blocks": True})
+        # (only the settings this torch has: torch.compile rejects an unknown option, and the
+        # per-sub-kernel blocks are newer than combo kernels themselves)
+        options.update({name: True for name in ("combo_kernels", "combo_kernel_per_subkernel_blocks")
+                        if hasattr(inductor_config, name)})
     return options
 
 
