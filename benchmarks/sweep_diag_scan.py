@@ -25,6 +25,8 @@ if __package__ in (None, ""):
 # the same timing (medians of back-to-back calls) and list parsing as the GLA sweep
 from benchmarks.sweep_gla_chunk import int_tuples, timed  # noqa: E402
 
+SETTINGS = ("BT", "BD", "NUM_WARPS", "PROGRAMS_PER_SM")  # diag_scan's module settings swept
+
 
 def gpu_us(fn, calls):
     """The CUDA kernels' own time per call of fn, in microseconds (torch.profiler)."""
@@ -38,8 +40,6 @@ def gpu_us(fn, calls):
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     return sum(e.self_device_time_total for e in events) / calls
-
-SETTINGS = ("BT", "BD", "NUM_WARPS", "PROGRAMS_PER_SM")
 
 
 def parse_args(argv=None):
