@@ -81,8 +81,15 @@ def parse_args(argv=None):
     p.add_argument("--profile", default=None,
                    help="SHAPE:VARIANT[,SHAPE:VARIANT...] to profile one step of with torch.profiler")
     p.add_argument("--profile-rows", type=int, default=25, help="kernels listed per profile")
+    p.add_argument("--transformer-heads", type=int, default=None,
+                   help="attention heads of the Transformer baseline (default: MM-Rec's, 8 of 32 "
+                        "channels; 4 gives FlashAttention heads of 64)")
     p.add_argument("--out", default="bench_train.json", help="JSON results file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    d = mmrec_config().expert_dim
+    if args.transformer_heads is not None and (args.transformer_heads < 1 or d % args.transformer_heads):
+        p.error(f"--transformer-heads must divide the width {d} (e.g. 4 or 8)")
+    return args
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -106,7 +113,8 @@ def check_variant(variant):
                          f"(a compiled or graphed one may end in {NOCOMBO})")
 
 
-def build(variant, device):
+def build(variant, device, transformer_heads=None):
+    import dataclasses
     import torch
     variant = base_variant(variant)
     from mm_rec.model import MMRec100M
@@ -119,6 +127,8 @@ def build(variant, device):
     elif variant.startswith("transformer"):
         with torch.device("meta"):
             target = MMRec100M(config=cfg).get_num_params()
+        if transformer_heads is not None:
+            cfg = dataclasses.replace(cfg, num_heads=transformer_heads)
         model = TransformerBaseline(cfg, matched_ffn_dim(cfg, target)).to(device)
     elif variant == "ffn-only-graphed":
         model = TransformerBaseline(cfg, cfg.ffn_dim, mixer=False).to(device)
@@ -277,7 +287,7 @@ def main(argv=None):
 
     models, steps, opts, info = {}, {}, {}, {}
     for v in variants:
-        models[v] = build(v, dev)
+        models[v] = build(v, dev, args.transformer_heads)
         steps[v], opts[v] = make_step(models[v], v, args.compile_mode)
         info[v] = {"params": sum(p.numel() for p in models[v].parameters())}
         print(f"{v:22s} {info[v]['params'] / 1e6:7.2f}M parameters")

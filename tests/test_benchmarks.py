@@ -63,6 +63,23 @@ def test_transformer_baseline_matches_mmrec_parameter_count():
     assert abs(n - target) / target < 0.002
 
 
+def test_transformer_heads_change_the_heads_only():
+    """--transformer-heads 4: the same parameters in FlashAttention heads of 64; a count that does
+    not divide the width is a one-line usage error."""
+    from benchmarks import bench_train as bt
+    model8 = bt.build("transformer-graphed", "meta")
+    model4 = bt.build("transformer-graphed", "meta", transformer_heads=4)
+    attn = lambda m: m.experts["text"].blocks[0]
+    assert (attn(model8).num_heads, attn(model8).head_dim) == (8, 32)
+    assert (attn(model4).num_heads, attn(model4).head_dim) == (4, 64)
+    assert sum(p.numel() for p in model4.parameters()) == sum(p.numel() for p in model8.parameters())
+    assert bt.parse_args(["--transformer-heads", "4"]).transformer_heads == 4
+    r = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--transformer-heads", "3"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--transformer-heads must divide the width 256" in r.stderr.strip().splitlines()[-1]
+
+
 def test_ffn_only_floor_is_the_transformer_without_its_mixer():
     """mixer=False keeps every parameter but the attention's, and each block computes exactly
     x + FFN(RMSNorm(x))."""

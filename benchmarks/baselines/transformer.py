@@ -2,7 +2,8 @@
 
 Everything else is MM-Rec's: the shared embedding, two experts of `num_layers` pre-norm blocks and
 a final RMSNorm each, the concatenation / FusionLayer, the final RMSNorm and the LM head, the same
-width, heads, vocab, init and `expert_type` semantics. Each block is
+width, heads (bench_train.py --transformer-heads changes them), vocab, init and `expert_type`
+semantics. Each block is
     x = x + W_o SDPA(RoPE(q), RoPE(k), v)       q, k, v = split(RMSNorm(x) @ W_qkv), causal
     x = x + FFN(RMSNorm(x))                      FFN = Linear -> GELU -> Linear (with biases)
 Attention has 4 d^2 parameters against MM-Rec's ~9 d^2 mixer, so `matched_ffn_dim` widens the
