@@ -279,6 +279,26 @@ def test_recomputed_gates_give_the_same_gradients_and_save_activations(expert_ty
     assert kept_plain - kept_recomputed >= (5 * 4 - 3 * 2) * units, (kept_plain, kept_recomputed, units)
 
 
+@pytest.mark.parametrize("expert_type", [None, "text"])  # both experts batched (E = 2); one expert
+def test_the_ffn_keeps_one_wide_tensor_a_layer_for_backward(expert_type):
+    """The FFN saves its hidden pre-activation once per layer and expert (stacked: without ffn_in's
+    bias, which its backward adds again), never gelu's output or a second biased copy."""
+    model = tiny_model(ffn_dim=48)
+    x = ids(T=40)
+    saved = {}
+
+    def pack(t):
+        if t.shape[-1] == model.config.ffn_dim and t.numel() >= x.numel() * model.config.ffn_dim:
+            saved[t.untyped_storage().data_ptr()] = t.shape
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x, expert_type=expert_type).logsumexp(-1).mean()
+    loss.backward()
+    E = 2 if expert_type is None else 1
+    assert len(saved) == model.config.num_layers, saved
+    assert all(shape.numel() == E * x.numel() * model.config.ffn_dim for shape in saved.values())
+
+
 @pytest.mark.parametrize("expert_type", [None, "text"])  # both experts batched; one expert (E = 1)
 def test_float32_and_bf16_autocast_agree_with_float64(expert_type):
     model = tiny_model()
