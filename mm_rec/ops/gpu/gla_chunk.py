@@ -67,6 +67,14 @@ def _rows(ptr, o_t, T, i_h, bos, H: tl.constexpr, D: tl.constexpr, BD: tl.conste
 
 
 @triton.jit
+def _rows_as_is(ptr, o_t, T, i_h, bos, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """_rows in the tensor's own dtype (bf16 tiles take half the registers of fp32 ones)."""
+    o_d = tl.arange(0, BD)
+    p = ptr + ((bos + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+    return tl.load(p, mask=(o_t[:, None] < T) & (o_d[None, :] < D), other=0.0)
+
+
+@triton.jit
 def _row(ptr, t, T, i_h, bos, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
     """[BD] row t of head i_h, as fp32; zeros past T or D."""
     o_d = tl.arange(0, BD)
@@ -145,6 +153,11 @@ def _gla_chunk_fwd_kernel(q, k, v, g, h, o, scale, T, H: tl.constexpr, K: tl.con
 def _gla_chunk_bwd_kernel(q, k, v, g, h, dh, do, dq, dk, dv, dg, scale, T,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    # Ordered so that few [BT, BK] tiles are alive at once: q, k, v and do stay in their own dtype
+    # (bf16: half the registers), each input is loaded where it is first needed, dv is stored as
+    # soon as it is known, S is read last. Loaded all at the top and held in fp32, the tiles needed
+    # more than the 255 registers a thread has and spilled (ptxas: 416 bytes a thread at 2 warps,
+    # 176 at 4; now 160 and none).
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -154,16 +167,19 @@ def _gla_chunk_bwd_kernel(q, k, v, g, h, dh, do, dq, dk, dv, dg, scale, T,
     o_i = tl.arange(0, BT)
     ok = (o_t < T)[:, None]
     o_k = tl.arange(0, BK)
-    b_g = _rows(g, o_t, T, i_h, bos, H, K, BK)
-    d, small = _centred(b_g, g, o_t, T, i_h, bos, H, K, BK, BT)
-    S = _state_of(h, i_b, i_c, i_h, NT, H, K, V, BK, BV)
-    dS = _state_of(dh, i_b, i_c, i_h, NT, H, K, V, BK, BV)
-    b_q, b_k, b_v = _rows(q, o_t, T, i_h, bos, H, K, BK), _rows(k, o_t, T, i_h, bos, H, K, BK), _rows(v, o_t, T, i_h, bos, H, V, BV)
-    b_do = _rows(do, o_t, T, i_h, bos, H, V, BV)
     last = tl.minimum(i_c * BT + BT, T) - 1
     g_L = tl.load(g + ((bos + last) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
-
+    b_g = _rows(g, o_t, T, i_h, bos, H, K, BK)
+    # the gradient of the state the chunk ends with (dS') reaches v and k through the decay to the end
+    decay_to_end = tl.where(ok, tl.exp2(g_L[None, :] - b_g), 0.0)
+    dS = _state_of(dh, i_b, i_c, i_h, NT, H, K, V, BK, BV)
+    b_v = _rows_as_is(v, o_t, T, i_h, bos, H, V, BV)
+    dk_state = decay_to_end * _dot(b_v, tl.trans(dS), dt)
+    b_do = _rows_as_is(do, o_t, T, i_h, bos, H, V, BV)
     dA = tl.where((o_i[:, None] >= o_i[None, :]) & ok, _dot(b_do, tl.trans(b_v), dt) * scale, 0.0)
+    b_k = _rows_as_is(k, o_t, T, i_h, bos, H, K, BK)
+    b_q = _rows_as_is(q, o_t, T, i_h, bos, H, K, BK)
+    d, small = _centred(b_g, g, o_t, T, i_h, bos, H, K, BK, BT)
     if small:
         qf, kf = b_q * tl.exp2(d), b_k * tl.exp2(-d)
         A = tl.where(o_i[:, None] >= o_i[None, :], _dot(qf, tl.trans(kf), dt), 0.0)
@@ -181,18 +197,17 @@ def _gla_chunk_bwd_kernel(q, k, v, g, h, dh, do, dq, dk, dv, dg, scale, T,
             dA_j = tl.sum(tl.where(o_i[None, :] == j, dA, 0.0), axis=1)
             b_dq += dA_j[:, None] * k_j[None, :] * E
             b_dk = tl.where(o_i[:, None] == j, tl.sum(dA_j[:, None] * b_q * E, axis=0)[None, :], b_dk)
-    # the state the chunk starts from (S) and the gradient of the one it ends with (dS')
-    decay_to_end = tl.where(ok, tl.exp2(g_L[None, :] - b_g), 0.0)
     b_dv = _dot(tl.trans(A), b_do, dt) * scale + _dot(b_k * decay_to_end, dS, dt)
-    dk_state = decay_to_end * _dot(b_v, tl.trans(dS), dt)
+    _store_rows(dv, b_dv, o_t, T, i_h, bos, H, V, BV)
     b_dk += dk_state
+    # the state the chunk starts from (S)
+    S = _state_of(h, i_b, i_c, i_h, NT, H, K, V, BK, BV)
     b_dq += _dot(b_do, tl.trans(S), dt) * (tl.exp2(b_g) * scale)
     # dg: reverse cumulative sum over the chunk of q dq - k dk, the last token's extra term added
     dg_L = tl.sum(b_k * dk_state, axis=0) + tl.exp2(g_L) * tl.sum(S * dS, axis=1)
-    dgc = b_q * b_dq - b_k * b_dk + tl.where((o_t == last)[:, None], dg_L[None, :], 0.0)
     _store_rows(dq, b_dq, o_t, T, i_h, bos, H, K, BK)
     _store_rows(dk, b_dk, o_t, T, i_h, bos, H, K, BK)
-    _store_rows(dv, b_dv, o_t, T, i_h, bos, H, V, BV)
+    dgc = b_q * b_dq - b_k * b_dk + tl.where((o_t == last)[:, None], dg_L[None, :], 0.0)
     _store_rows(dg, tl.cumsum(dgc, axis=0, reverse=True), o_t, T, i_h, bos, H, K, BK)
 
 
@@ -200,9 +215,10 @@ def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-# warps per program: of 1, 2, 4 (and 8), at 4x8192 on an H100 1 was fastest forward (59 us against
-# 64 for 2) and 2 backward (224 us against 312 and 292); at 8x512 all within 3 us
-# (benchmarks/sweep_gla_chunk.py, runs AL and AT in RESULTS.md)
+# warps per program: of 1, 2, 4 and 8, at 4x8192 on an H100 1 was fastest forward (59 us against
+# 64 for 2) and 2 backward (185 us against 257 for 4 and 282 for 1, run BL; 224 before the backward
+# kernel was reordered); at 8x512 2 was fastest both ways (benchmarks/sweep_gla_chunk.py, runs AL,
+# AT and BL in RESULTS.md)
 NUM_WARPS_FWD, NUM_WARPS_BWD = 1, 2
 
 
