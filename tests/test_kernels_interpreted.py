@@ -125,5 +125,23 @@ def test_short_term_kernels_match_the_reference(interpreted, name):
     assert max(case["errors"]) < BOUND, case["errors"]
 
 
+
+def test_short_term_segments_follow_the_gpu_size():
+    """diag_scan cuts a sequence into segments for about PROGRAMS_PER_SM programs per SM, counted on
+    the GPU it runs on: half the SMs, half the segments (each twice as long), whole tiles each."""
+    pytest.importorskip("triton")
+    from mm_rec.ops.gpu import diag_scan
+    per_sm = diag_scan.PROGRAMS_PER_SM
+    B, T, D = 4, 8192, 256
+    tiles = D // diag_scan.BD
+    for sms in (132, 66, 20):
+        ns, seg = diag_scan._segments(B, T, D, sms)
+        want = per_sm * sms // (B * tiles)
+        assert 0.9 * want <= ns <= want and seg % diag_scan.BT == 0 and ns * seg >= T > (ns - 1) * seg
+    assert diag_scan._segments(B, T, D, 66)[1] == 2 * diag_scan._segments(B, T, D, 132)[1]
+    assert diag_scan._segments(1, 40, D, 132) == (2, 32)  # never more segments than tiles
+    import torch
+    assert diag_scan._num_sms(torch.device("cpu")) == 132
+
 if __name__ == "__main__":
     print(json.dumps(run_cases()))

@@ -11,6 +11,8 @@ The backward pass is the same recurrence run backwards in time over the output g
 which the same kernel does with REVERSE (rows read from the segment's end, the decay read one
 token ahead); pass 2 also writes dlog_a.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -89,17 +91,26 @@ def diag_scan_kernel(X, G, H, HPREV, H0, SUM_A, SUM_X, DG, T, NS, SEG,
         tl.store(SUM_X + (i_b * NS + i_s) * D + cols, carry, mask=cmask)
 
 
-def _segments(B, T, D):
-    """Segment length (a multiple of BT) giving about PROGRAMS_PER_SM programs per SM (132 SMs)."""
-    want = max(1, (PROGRAMS_PER_SM * 132) // (B * triton.cdiv(D, BD)))
+def _segments(B, T, D, num_sms=132):
+    """Segment length (a multiple of BT) giving about PROGRAMS_PER_SM programs per SM."""
+    want = max(1, (PROGRAMS_PER_SM * num_sms) // (B * triton.cdiv(D, BD)))
     ns = max(1, min(want, triton.cdiv(T, BT)))
     seg = triton.cdiv(triton.cdiv(T, ns), BT) * BT
     return triton.cdiv(T, seg), seg
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """The GPU's SM count (132 on an H100 or H200, where the configuration was swept); 132 off
+    CUDA (Triton's interpreter on the CPU)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _run(x, g, h0, reverse, hprev=None):
     B, T, D = x.shape
-    ns, seg = _segments(B, T, D)
+    ns, seg = _segments(B, T, D, _num_sms(x.device))
     out = torch.empty(B, T, D, device=x.device, dtype=torch.float32)
     dg = torch.empty_like(out) if reverse else out
     sum_a = sum_x = out  # unused when ns == 1
