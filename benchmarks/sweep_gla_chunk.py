@@ -4,6 +4,7 @@ chunk-boundary state passes of chunk_states.py for each scan tile (G chunks x BK
 of warps of the contribution kernel. Medians of CUDA-event timings, a table and a JSON file.
 
     python benchmarks/sweep_gla_chunk.py --shapes 4x512,4x8192 --warps 1,2,4,8 --out sweep_gla.json
+    python benchmarks/sweep_gla_chunk.py --shapes 4x8192 --warps 2,4 --maxnreg 0,128,168
     python benchmarks/sweep_gla_chunk.py --shapes 4x8192 --state-pass --out sweep_states.json
 
 Shapes are B x T of one layer's long-term memory (H heads of d_h), as the model calls it; with both
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4x512,4x8192")
     p.add_argument("--warps", default="1,2,4,8")
+    p.add_argument("--maxnreg", default="0",
+                   help="register caps a thread for the backward kernel (0: none), e.g. 0,128,168")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--decay-scale", type=float, default=1 / 16)
@@ -51,6 +54,11 @@ def parse_args(argv=None):
     args.shape_list = ints(args.shapes, "--shapes", 2, "4x8192")
     args.warp_list = [w for (w,) in ints(args.warps, "--warps", 1, "1,2,4")]
     args.tile_list = ints(args.scan_tiles, "--scan-tiles", 3, "16x4x8")
+    try:
+        args.maxnreg_list = [int(n) for n in args.maxnreg.split(",")]
+        assert all(n == 0 or 24 <= n <= 255 for n in args.maxnreg_list)
+    except (ValueError, AssertionError):
+        p.error(f"--maxnreg must be a comma-separated list of 0 (no cap) or 24..255 (got {args.maxnreg!r})")
     if any(n & (n - 1) for tile in args.tile_list for n in tile) or any(w & (w - 1) for w in args.warp_list):
         p.error("--scan-tiles and --warps take powers of two (Triton's block sizes and warp counts)")
     return args
@@ -96,9 +104,11 @@ def main(argv=None):
         for w in args.warp_list:
             gla_chunk.NUM_WARPS_FWD = gla_chunk.NUM_WARPS_BWD = w
             fwd = timed(lambda: gla_chunk.gla_chunk_fwd(q, k, v, gc, h, D ** -0.5), args.repeats, args.inner)
-            bwd = timed(lambda: gla_chunk.gla_chunk_bwd(q, k, v, gc, h, dh, do, D ** -0.5), args.repeats, args.inner)
-            rows.append(dict(shape=shape, warps=w, fwd_us=round(fwd, 1), bwd_us=round(bwd, 1)))
-            print(f"{shape:8s} warps {w}  fwd {fwd:7.1f} us  bwd {bwd:7.1f} us", flush=True)
+            for cap in args.maxnreg_list:
+                gla_chunk.MAXNREG_BWD = cap or None
+                bwd = timed(lambda: gla_chunk.gla_chunk_bwd(q, k, v, gc, h, dh, do, D ** -0.5), args.repeats, args.inner)
+                rows.append(dict(shape=shape, warps=w, maxnreg=cap, fwd_us=round(fwd, 1), bwd_us=round(bwd, 1)))
+                print(f"{shape:8s} warps {w}  maxnreg {cap or '-':>3}  fwd {fwd:7.1f} us  bwd {bwd:7.1f} us", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(args=vars(args), device=torch.cuda.get_device_name(),
                                                   rows=rows), indent=1))

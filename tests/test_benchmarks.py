@@ -47,6 +47,7 @@ def test_kernel_sweeps_reject_bad_lists_in_one_line():
             ("sweep_gla_chunk.py", ["--shapes", "4x"], "--shapes must be"),
             ("sweep_gla_chunk.py", ["--scan-tiles", "16x4"], "--scan-tiles must be"),
             ("sweep_gla_chunk.py", ["--warps", "3"], "powers of two"),
+            ("sweep_gla_chunk.py", ["--maxnreg", "0,12"], "--maxnreg must be"),
             ("sweep_diag_scan.py", ["--tiles", "64"], "--tiles must be"),
             ("sweep_diag_scan.py", ["--tiles", "48x64"], "powers of two"),
             ("sweep_diag_scan.py", ["--programs-per-sm", "0"], "--programs-per-sm must be")):

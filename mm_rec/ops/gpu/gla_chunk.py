@@ -123,14 +123,19 @@ def _pair_decay(g, g_j, j, o_t, T, BT: tl.constexpr):
 
 
 @triton.jit
-def _gla_chunk_fwd_kernel(q, k, v, g, h, o, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _program_chunk(T, H: tl.constexpr, BT: tl.constexpr):
+    """This program's chunk i_c, sequence i_b and head i_h, the number of chunks NT, the first row
+    of its sequence and its chunk's token indices."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    bos = i_b.to(tl.int64) * T
+    return i_c, i_b, i_h, tl.cdiv(T, BT), i_b.to(tl.int64) * T, i_c * BT + tl.arange(0, BT)
+
+
+@triton.jit
+def _gla_chunk_fwd_kernel(q, k, v, g, h, o, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    i_c, i_b, i_h, NT, bos, o_t = _program_chunk(T, H, BT)
     dt: tl.constexpr = q.dtype.element_ty
-    o_t = i_c * BT + tl.arange(0, BT)
     o_i = tl.arange(0, BT)
     b_g = _rows(g, o_t, T, i_h, bos, H, K, BK)
     d, small = _centred(b_g, g, o_t, T, i_h, bos, H, K, BK, BT)
@@ -158,12 +163,8 @@ def _gla_chunk_bwd_kernel(q, k, v, g, h, dh, do, dq, dk, dv, dg, scale, T,
     # soon as it is known, S is read last. Loaded all at the top and held in fp32, the tiles needed
     # more than the 255 registers a thread has and spilled (ptxas: 416 bytes a thread at 2 warps,
     # 176 at 4; now 160 and none).
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    bos = i_b.to(tl.int64) * T
+    i_c, i_b, i_h, NT, bos, o_t = _program_chunk(T, H, BT)
     dt: tl.constexpr = q.dtype.element_ty
-    o_t = i_c * BT + tl.arange(0, BT)
     o_i = tl.arange(0, BT)
     ok = (o_t < T)[:, None]
     o_k = tl.arange(0, BK)
@@ -220,6 +221,10 @@ def _block(d: int) -> int:
 # kernel was reordered); at 8x512 2 was fastest both ways (benchmarks/sweep_gla_chunk.py, runs AL,
 # AT and BL in RESULTS.md)
 NUM_WARPS_FWD, NUM_WARPS_BWD = 1, 2
+# a cap on the backward kernel's registers a thread (ptxas .maxnreg; None: ptxas chooses, 255 here).
+# Fewer registers let more programs share an SM but spill more: caps of 96, 128 and 168 took it from
+# 182 us to 499, 335 and 263 at 4x8192, 2 warps (sweep_gla_chunk.py --maxnreg, run BO). Kept for sweeps.
+MAXNREG_BWD = None
 
 
 def gla_chunk_fwd(q, k, v, g_cumsum, h, scale: float):
@@ -242,5 +247,6 @@ def gla_chunk_bwd(q, k, v, g_cumsum, h, dh, do, scale: float):
     dg = torch.empty_like(g_cumsum)
     _gla_chunk_bwd_kernel[(triton.cdiv(T, BT), B * H)](
         q, k, v, g_cumsum, h, dh, do, dq, dk, dv, dg, scale, T, H=H, K=K, V=V, BT=BT,
-        BK=_block(K), BV=_block(V), num_warps=NUM_WARPS_BWD)
+        BK=_block(K), BV=_block(V), num_warps=NUM_WARPS_BWD,
+        **({} if MAXNREG_BWD is None else {"maxnreg": MAXNREG_BWD}))
     return dq, dk, dv, dg
