@@ -279,6 +279,27 @@ def test_recomputed_gates_give_the_same_gradients_and_save_activations(expert_ty
     assert kept_plain - kept_recomputed >= (5 * 4 - 3 * 2) * units, (kept_plain, kept_recomputed, units)
 
 
+def test_stacked_bias_inside_the_gemm_equals_the_bias_added_after():
+    """stacked._linear_bias_in_gemm (the bias a row of the weight, against a column of ones): the
+    same output and the same gradients, the bias's included, as the product plus the bias."""
+    from mm_rec.model.stacked import BIAS_COLUMNS, _linear, _linear_bias_in_gemm
+    gen = torch.Generator().manual_seed(3)
+    E, N, d_in, d_out = 2, 50, 24, 40
+    x, w, b = (torch.randn(*shape, generator=gen, dtype=F64, requires_grad=True)
+               for shape in ((E, N, d_in), (E, d_in, d_out), (E, 1, d_out)))
+    dy = torch.randn(E, N, d_out, generator=gen, dtype=F64)
+
+    def run(fn):
+        y = fn(x, (w, b))
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+        return y.detach(), grads
+    y_ref, g_ref = run(_linear)
+    y, g = run(_linear_bias_in_gemm)
+    assert max_diff(y, y_ref) < 1e-12 and all(max_diff(a, r) < 1e-12 for a, r in zip(g, g_ref))
+    assert max_diff(g[2], dy.sum(1, keepdim=True)) < 1e-12
+    assert BIAS_COLUMNS % 8 == 0  # an inner dimension that is a multiple of 8 stays one
+
+
 @pytest.mark.parametrize("expert_type", [None, "text"])  # both experts batched (E = 2); one expert
 def test_the_ffn_keeps_one_wide_tensor_a_layer_for_backward(expert_type):
     """The FFN saves its hidden pre-activation once per layer and expert (stacked: without ffn_in's
