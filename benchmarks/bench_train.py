@@ -11,7 +11,9 @@ autocast) of
                        included, captured as one CUDA graph and replayed (train_modular --compile
                        --cuda_graph; mm_rec/training/step_graph.py)
   mmrec-pytorch        MM-Rec on the pure-PyTorch path (use_kernel_fusion=False), eager
-  transformer          the equal-parameter Transformer (benchmarks/baselines/transformer.py), eager
+  transformer          the equal-parameter Transformer (benchmarks/baselines/transformer.py), eager;
+                       MM-Rec's heads (8 of 32 channels) unless --transformer-heads says otherwise
+                       (4: heads of 64, where FlashAttention is faster)
   transformer-compiled the same under torch.compile
   transformer-graphed  the same compiled (no CUDA graphs of its own), the whole step one CUDA graph
   ffn-only-graphed     the floor: the Transformer's blocks without their mixer (FFN only) at MM-Rec's
