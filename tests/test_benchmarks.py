@@ -39,6 +39,12 @@ def test_nocombo_variants_are_checked_and_the_ratio_takes_the_faster_transformer
              if line.startswith("stage1")}
     assert lines["mmrec-gpu-graphed"][-1] == "1.25"       # 150 / 120, not 150 / 100
     assert lines["transformer-graphed"][-1] == "0.83"
+    # a Transformer with other heads (-hN) is one more row of that treatment: the fastest divides
+    bt.print_table([row("mmrec-gpu-graphed", 150.0), row("transformer-graphed", 100.0),
+                    row("transformer-graphed-h4", 125.0)])
+    lines = {line.split()[2]: line.split() for line in capsys.readouterr().out.splitlines()
+             if line.startswith("stage1")}
+    assert lines["mmrec-gpu-graphed"][-1] == "1.20"       # 150 / 125
 
 
 def test_kernel_sweeps_reject_bad_lists_in_one_line():
@@ -65,8 +71,9 @@ def test_transformer_baseline_matches_mmrec_parameter_count():
 
 
 def test_transformer_heads_change_the_heads_only():
-    """--transformer-heads 4: the same parameters in FlashAttention heads of 64; a count that does
-    not divide the width is a one-line usage error."""
+    """--transformer-heads 4 (or the variant transformer*-h4): the same parameters in
+    FlashAttention heads of 64; a count that does not divide the width is a one-line usage error."""
+    import pytest
     from benchmarks import bench_train as bt
     model8 = bt.build("transformer-graphed", "meta")
     model4 = bt.build("transformer-graphed", "meta", transformer_heads=4)
@@ -75,6 +82,12 @@ def test_transformer_heads_change_the_heads_only():
     assert (attn(model4).num_heads, attn(model4).head_dim) == (4, 64)
     assert sum(p.numel() for p in model4.parameters()) == sum(p.numel() for p in model8.parameters())
     assert bt.parse_args(["--transformer-heads", "4"]).transformer_heads == 4
+    # per variant: transformer*-hN, checked like the flag
+    bt.check_variant("transformer-graphed-h4-nocombo")
+    assert attn(bt.build("transformer-graphed-h4", "meta", transformer_heads=8)).num_heads == 4
+    for bad in ("transformer-graphed-h3", "mmrec-gpu-graphed-h4", "transformer-graphed-nocombo-h4"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            bt.check_variant(bad)
     r = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--transformer-heads", "3"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
