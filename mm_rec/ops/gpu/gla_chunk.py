@@ -59,19 +59,18 @@ def chunk_cumsum(g: torch.Tensor, chunk_size: int = BT) -> torch.Tensor:
 
 
 @triton.jit
-def _rows(ptr, o_t, T, i_h, bos, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    """[len(o_t), BD] rows o_t of head i_h of a [B, T, H, D] tensor, as fp32; zeros past T or D."""
-    o_d = tl.arange(0, BD)
-    p = ptr + ((bos + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-    return tl.load(p, mask=(o_t[:, None] < T) & (o_d[None, :] < D), other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _rows_as_is(ptr, o_t, T, i_h, bos, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    """_rows in the tensor's own dtype (bf16 tiles take half the registers of fp32 ones)."""
+    """[len(o_t), BD] rows o_t of head i_h of a [B, T, H, D] tensor, in its own dtype (bf16 tiles
+    take half the registers of fp32 ones); zeros past T or D."""
     o_d = tl.arange(0, BD)
     p = ptr + ((bos + o_t[:, None]) * H + i_h) * D + o_d[None, :]
     return tl.load(p, mask=(o_t[:, None] < T) & (o_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _rows(ptr, o_t, T, i_h, bos, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """_rows_as_is as fp32."""
+    return _rows_as_is(ptr, o_t, T, i_h, bos, H, D, BD).to(tl.float32)
 
 
 @triton.jit
