@@ -91,9 +91,8 @@ def parse_args(argv=None):
                         "channels; 4 gives FlashAttention heads of 64)")
     p.add_argument("--out", default="bench_train.json", help="JSON results file")
     args = p.parse_args(argv)
-    d = mmrec_config().expert_dim
-    if args.transformer_heads is not None and (args.transformer_heads < 1 or d % args.transformer_heads):
-        p.error(f"--transformer-heads must divide the width {d} (e.g. 4 or 8)")
+    if args.transformer_heads is not None and not heads_fit(args.transformer_heads):
+        p.error(f"--transformer-heads must divide the width {mmrec_config().expert_dim} (e.g. 4 or 8)")
     return args
 
 
@@ -112,6 +111,11 @@ def base_variant(variant):
     return HEADS_SUFFIX.sub("", variant.removesuffix(NOCOMBO))
 
 
+def heads_fit(heads):
+    """Whether the Transformer baseline can split MM-Rec's width into `heads` heads."""
+    return heads > 0 and mmrec_config().expert_dim % heads == 0
+
+
 def variant_heads(variant):
     """N of a transformer*-hN[-nocombo] variant, else None."""
     m = HEADS_SUFFIX.search(variant.removesuffix(NOCOMBO))
@@ -122,8 +126,7 @@ def check_variant(variant):
     base = base_variant(variant)
     combo_ok = not variant.endswith(NOCOMBO) or "compiled" in base or "graphed" in base
     heads = variant_heads(variant)
-    heads_ok = heads is None or (base.startswith("transformer") and heads > 0
-                                 and mmrec_config().expert_dim % heads == 0)
+    heads_ok = heads is None or (base.startswith("transformer") and heads_fit(heads))
     if base not in VARIANTS or not combo_ok or not heads_ok:
         raise SystemExit(f"error: unknown variant {variant!r}; choose from {', '.join(VARIANTS)} "
                          f"(a transformer one may end in -hN, N heads dividing the width "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,9 @@ def resources(kernel) -> dict:
     """{"registers", "stack_bytes", "shared_bytes"} a thread (shared: a program) from cuobjdump."""
     import triton
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        sys.exit(f"kernel_resources.py: this Triton has no CUDA tools ({tool} is missing); "
+                 "install the Linux x86_64 Triton wheel")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -83,9 +85,8 @@ def main(argv=None):
         import triton  # noqa: F401
     except ImportError:
         sys.exit("kernel_resources.py: needs Triton (pip install -e '.[gpu]' or '.[test]')")
-    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="mmrec_triton_"))
     from mm_rec.ops.gpu import gla_chunk
-    block = max(16, 1 << (args.head_dim - 1).bit_length())
+    block = gla_chunk._block(args.head_dim)  # as gla_chunk_fwd / _bwd launch them
     constants = dict(H=args.heads, K=args.head_dim, V=args.head_dim, BT=gla_chunk.BT, BK=block, BV=block)
     shipped = {"gla_chunk_fwd": gla_chunk.NUM_WARPS_FWD, "gla_chunk_bwd": gla_chunk.NUM_WARPS_BWD}
     rows = []
@@ -98,8 +99,8 @@ def main(argv=None):
             mark = " (shipped)" if r["shipped"] else ""
             print(f"{name:14s} {w:5d} {r['registers']:9d} {r['stack_bytes']:7d} {r['shared_bytes']:8d}{mark}")
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(args={k: v for k, v in vars(args).items()},
-                                                  triton=triton.__version__, rows=rows), indent=1))
+        Path(args.out).write_text(json.dumps(dict(args=vars(args), triton=triton.__version__, rows=rows),
+                                             indent=1))
     return rows
 
 
