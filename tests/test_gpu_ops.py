@@ -154,45 +154,6 @@ def test_long_term_parallel_state_pass_matches_fla_sequential(T, dtype, with_sta
     assert (dM0 is None) == (not with_state)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("E,N,d,F_", [(1, 63, 64, 128), (2, 4103, 256, 3072), (1, 8192, 256, 3712)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_gelu_mlp_kernel(E, N, d, F_, dtype, bias):
-    """The FFN with GELU in the GEMMs' epilogues (ops/gpu/gelu_mlp.py, through stacked.gelu_mlp)
-    against the plain form in float64: output and the gradients of x and every weight and bias,
-    stacked experts (E = 2, [E, in, out] views) and one nn.Linear-shaped expert, ragged N."""
-    from mm_rec.model.stacked import gelu_mlp
-    torch.manual_seed(N + E)
-    x = torch.randn(E, N, d, device=DEV)
-    if E == 1:
-        w1, b1, w2, b2 = (torch.randn(F_, d) * d ** -0.5, torch.randn(F_) * 0.5,
-                          torch.randn(d, F_) * F_ ** -0.5, torch.randn(d) * 0.5)
-        lin = lambda w, b: (w, b if bias else None)
-    else:
-        w1, b1, w2, b2 = (torch.randn(E, F_, d).transpose(1, 2) * d ** -0.5, torch.randn(E, 1, F_) * 0.5,
-                          torch.randn(E, d, F_).transpose(1, 2) * F_ ** -0.5, torch.randn(E, 1, d) * 0.5)
-        lin = lambda w, b: (w, b if bias else None)
-    params = [t.to(DEV) for t in (w1, b1, w2, b2)]
-    weights = [torch.randn(E, N, d, device=DEV, dtype=torch.float64)]
-
-    def plain(x, w1, b1, w2, b2):
-        layer = lambda x, w, b: (F.linear(x, w, b if bias else None) if w.dim() == 2
-                                 else torch.bmm(x, w) + (b if bias else 0))
-        return (layer(F.gelu(layer(x, w1, b1)), w2, b2),)
-
-    def fused(x, w1, b1, w2, b2):
-        return (gelu_mlp(x.to(dtype), lin(w1.to(dtype), b1.to(dtype)), lin(w2.to(dtype), b2.to(dtype))),)
-
-    inputs = [x] + params
-    outs, grads = run_and_grads(fused, inputs, weights)
-    assert outs[0].dtype == dtype
-    ref_outs, ref_grads = run_and_grads(plain, [t.double() for t in inputs], weights)
-    if not bias:
-        ref_grads[2] = ref_grads[4] = None
-        assert grads[2] is None and grads[4] is None
-    check(f"gelu_mlp E={E} N={N} F={F_} {dtype} bias={bias}", outs, grads, ref_outs, ref_grads, torch.bfloat16)
-
-
 def test_dispatch_picks_kernels_on_cuda_only_when_allowed():
     """short/long_term_memory route CUDA fp32/bf16 to the kernels, fp64 and allow_kernels=False
     to the PyTorch path; both agree."""

@@ -34,9 +34,6 @@ LONG_CASES = {
 }
 # name: (B, T, D, initial state); T = 200 at D = 64 splits the scan into 4 segments (two passes)
 SHORT_CASES = {"one segment": (2, 50, 32, False), "four segments, state": (1, 200, 64, True)}
-# name: (E, N, d, F, bias): the FFN with GELU in the GEMMs' epilogues (ops/gpu/gelu_mlp.py); N and F
-# not multiples of its 128 x 128 tiles, K = d a multiple of the 64-wide K step and not
-MLP_CASES = {"two experts, bias": (2, 300, 64, 200, True), "one expert, no bias, ragged K": (1, 70, 40, 48, False)}
 BOUND = 1e-4  # fp32 against float64; a wrong kernel is off by O(1)
 
 
@@ -91,18 +88,6 @@ def run_cases() -> dict:
         log_a = F.logsigmoid(torch.randn(B, T, D, generator=gen) + torch.linspace(0, 7, D))
         h0 = torch.randn(B, D, generator=gen) if with_state else None
         out["short: " + name] = dict(errors=_errors(short_term_gpu, short_term_chunked, [x, log_a, h0], 2))
-    from mm_rec.ops.gpu.gelu_mlp import gelu_mlp_gpu
-
-    def plain_mlp(x, w_in, b_in, w_out):
-        return (torch.bmm(F.gelu(torch.bmm(x, w_in) + (0 if b_in is None else b_in[:, None])), w_out),)
-    for name, (E, N, d, Fd, bias) in MLP_CASES.items():
-        gen = torch.Generator().manual_seed(N)
-        x = torch.randn(E, N, d, generator=gen)
-        w_in = torch.randn(E, Fd, d, generator=gen).transpose(1, 2) * d ** -0.5  # [E, in, out] views
-        w_out = torch.randn(E, d, Fd, generator=gen).transpose(1, 2) * Fd ** -0.5
-        b_in = torch.randn(E, Fd, generator=gen) if bias else None
-        errs = _errors(lambda *a: (gelu_mlp_gpu(*a),), plain_mlp, [x, w_in, b_in, w_out], 1)
-        out["mlp: " + name] = dict(errors=errs)
     return out
 
 
@@ -139,12 +124,6 @@ def test_short_term_kernels_match_the_reference(interpreted, name):
     assert len(case["errors"]) == 2 + 2 + SHORT_CASES[name][3]  # h, h_T; dx, dlog_a (, dh0)
     assert max(case["errors"]) < BOUND, case["errors"]
 
-
-@pytest.mark.parametrize("name", list(MLP_CASES))
-def test_gelu_mlp_kernels_match_the_reference(interpreted, name):
-    case = interpreted["mlp: " + name]
-    assert len(case["errors"]) == 1 + 3 + MLP_CASES[name][4]  # y; dx, dw_in, dw_out (, db_in)
-    assert max(case["errors"]) < BOUND, case["errors"]
 
 
 def test_short_term_segments_follow_the_gpu_size():

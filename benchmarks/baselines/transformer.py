@@ -6,8 +6,6 @@ width, heads (bench_train.py --transformer-heads changes them), vocab, init and 
 semantics. Each block is
     x = x + W_o SDPA(RoPE(q), RoPE(k), v)       q, k, v = split(RMSNorm(x) @ W_qkv), causal
     x = x + FFN(RMSNorm(x))                      FFN = Linear -> GELU -> Linear (with biases)
-The FFN is MM-Rec's own function (mm_rec.model.stacked.gelu_mlp: on the GPU, GELU inside the
-GEMMs' epilogues), so the FFNs of the two models run the same code and only the mixer differs.
 Attention has 4 d^2 parameters against MM-Rec's ~9 d^2 mixer, so `matched_ffn_dim` widens the
 FFN until the totals agree (the parameter counts are printed by the benchmark).
 
@@ -27,7 +25,6 @@ from mm_rec.model.config import MMRecConfig
 from mm_rec.model.fusion import FusionLayer
 from mm_rec.model.loss import chunked_cross_entropy
 from mm_rec.model.norms import RMSNorm
-from mm_rec.model.stacked import gelu_mlp
 
 
 def rope_tables(T: int, head_dim: int, device, base: float = 10000.0):
@@ -70,9 +67,7 @@ class AttentionBlock(nn.Module):
             q, k, v = self.qkv(self.norm(x)).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
             x = x + self.out_proj(a.transpose(1, 2).reshape(B, T, d))
-        ffn = gelu_mlp(self.ffn_norm(x).reshape(1, B * T, d), (self.ffn_in.weight, self.ffn_in.bias),
-                       (self.ffn_out.weight, self.ffn_out.bias))
-        return x + ffn.view(B, T, d)
+        return x + self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x))))
 
 
 class TransformerExpert(nn.Module):

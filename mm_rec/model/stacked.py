@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import gpu_kernel, long_term_memory, short_term_memory
+from ..ops import long_term_memory, short_term_memory
 from .block import MMRecBlock, at_least_fp32
 
 
@@ -141,33 +141,6 @@ class _GeluLinear(torch.autograd.Function):
         return d_h, d_weight, d_bias
 
 
-def gelu_mlp(x: torch.Tensor, ffn_in: tuple, ffn_out: tuple) -> torch.Tensor:
-    """The FFN, gelu(x W_in + b_in) W_out + b_out, for x [E, N, d] and each Linear as _linear takes
-    it: (weight [E, in, out], bias [E, 1, out]) stacked, or one expert's nn.Linear (weight, bias).
-
-    On CUDA in bf16 / fp16 (autocast included) it runs as mm_rec/ops/gpu/gelu_mlp.py's op: GELU in
-    the epilogue of the Triton GEMMs that produce its input, forward and backward. Elsewhere (CPU,
-    fp32, fp64) as _linear_bias_in_gemm and _GeluLinear below: the same maths in PyTorch."""
-    (w_in, b_in), (w_out, b_out) = ffn_in, ffn_out
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    kernel = gpu_kernel("gelu_mlp", x) if dtype in (torch.bfloat16, torch.float16) else None
-    if kernel is not None:
-        stacked = lambda w: w if w.dim() == 3 else w.t().unsqueeze(0)  # -> [E, in, out]
-        E = x.shape[0]
-        y = kernel(x.to(dtype), stacked(w_in).to(dtype), None if b_in is None else b_in.reshape(E, -1).to(dtype),
-                   stacked(w_out).to(dtype))
-        return y if b_out is None else y + b_out.to(dtype)
-    return gelu_mlp_pytorch(x, ffn_in, ffn_out)
-
-
-def gelu_mlp_pytorch(x: torch.Tensor, ffn_in: tuple, ffn_out: tuple) -> torch.Tensor:
-    """gelu_mlp's PyTorch path (any device and dtype)."""
-    hidden = _linear_bias_in_gemm(x, ffn_in)
-    w_out, b_out = ffn_out
-    return _GeluLinear.apply(hidden, w_out.to(hidden.dtype), None if b_out is None else b_out.to(hidden.dtype))
-
-
 def _gate_math(a, c, g, z, la, tau):
     """The gates' elementwise part (MMRecBlock._gates), in fp32 at least: log gamma = logsigmoid(a)
     + logsigmoid(c) (MDI), the gated input sigmoid(g) * z, log alpha = logsigmoid(la) / tau."""
@@ -265,7 +238,10 @@ def _stacked_block(linears: dict, norms: dict, x: torch.Tensor, h0, M0, settings
     o_normed = F.rms_norm(o, (Dh,), eps=eps).reshape(E, B * T, d) * _per_expert(norms["o_norm"])
     mixed = torch.cat([_rms_norm(h, norms["h_norm"], eps), o_normed * F.silu(_linear(u, W["out_gate"]))], -1)
     x2 = x2 + F.dropout(_linear(mixed, W["out_proj"]), p, training)
-    ffn = gelu_mlp(_rms_norm(x2, norms["ffn_norm"], eps), W["ffn_in"], W["ffn_out"])
+    ffn_hidden = _linear_bias_in_gemm(_rms_norm(x2, norms["ffn_norm"], eps), W["ffn_in"])
+    ffn_weight, ffn_bias = W["ffn_out"]
+    ffn = _GeluLinear.apply(ffn_hidden, ffn_weight.to(ffn_hidden.dtype),
+                            None if ffn_bias is None else ffn_bias.to(ffn_hidden.dtype))
     x2 = x2 + F.dropout(ffn, p, training)
     return x2.reshape(E, B, T, d), h_T, M_T
 

@@ -33,8 +33,8 @@ def reference_mode(enabled: bool = True):
 _GPU_BACKENDS: dict = {}
 
 
-def register_gpu_backend(name: str, short_term=None, long_term=None, gelu_mlp=None) -> None:
-    _GPU_BACKENDS[name] = {"short_term": short_term, "long_term": long_term, "gelu_mlp": gelu_mlp}
+def register_gpu_backend(name: str, short_term=None, long_term=None) -> None:
+    _GPU_BACKENDS[name] = {"short_term": short_term, "long_term": long_term}
 
 
 def load_gpu_backend() -> bool:
@@ -61,12 +61,6 @@ def _gpu_impl(kind: str, tensor: torch.Tensor, allow_kernels: bool):
     return None
 
 
-def gpu_kernel(kind: str, tensor: torch.Tensor, allow_kernels: bool = True):
-    """The registered GPU implementation of `kind` ("short_term", "long_term", "gelu_mlp") for
-    `tensor`'s device and dtype, or None (CPU, float64, no backend, reference mode)."""
-    return None if _REFERENCE_MODE else _gpu_impl(kind, tensor, allow_kernels)
-
-
 def short_term_memory(x, log_a, h0=None, chunk_size: int = 64, allow_kernels: bool = True):
     if _REFERENCE_MODE:
         return short_term_naive(x, log_a, h0)
@@ -88,5 +82,5 @@ def long_term_memory(q, k, v, log_alpha, M0=None, scale=None, chunk_size: int = 
 
 __all__ = [
     "short_term_naive", "short_term_chunked", "long_term_naive", "long_term_chunked",
-    "short_term_memory", "long_term_memory", "register_gpu_backend", "load_gpu_backend", "reference_mode", "gpu_kernel",
+    "short_term_memory", "long_term_memory", "register_gpu_backend", "load_gpu_backend", "reference_mode",
 ]

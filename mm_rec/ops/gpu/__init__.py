@@ -26,8 +26,7 @@ import triton  # noqa: E402,F401  (no Triton: ImportError, the PyTorch ops run)
 
 if torch.cuda.is_available():
     from .. import register_gpu_backend
-    from .gelu_mlp import gelu_mlp_gpu
     from .recurrences import long_term_gpu, short_term_gpu
 
-    register_gpu_backend("triton", short_term=short_term_gpu, long_term=long_term_gpu, gelu_mlp=gelu_mlp_gpu)
-    __all__ = ["gelu_mlp_gpu", "long_term_gpu", "short_term_gpu"]
+    register_gpu_backend("triton", short_term=short_term_gpu, long_term=long_term_gpu)
+    __all__ = ["long_term_gpu", "short_term_gpu"]
