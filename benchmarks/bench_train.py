@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--shapes", default=",".join(SHAPES),
-                   help=f"comma-separated from {list(SHAPES)} or BxT (both experts), default all")
+                   help=f"comma-separated from {list(SHAPES)}, BxT (both experts) or stageN:B (stage N's "
+                        "shape at batch B, e.g. stage2:8), default all")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated from %(default)s")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median reported)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
@@ -91,6 +92,9 @@ def parse_args(argv=None):
                         "channels; 4 gives FlashAttention heads of 64)")
     p.add_argument("--out", default="bench_train.json", help="JSON results file")
     args = p.parse_args(argv)
+    for shape in args.shapes.split(","):
+        if shape:
+            parse_shape(shape)  # a bad name stops here, before any GPU work
     if args.transformer_heads is not None and not heads_fit(args.transformer_heads):
         p.error(f"--transformer-heads must divide the width {mmrec_config().expert_dim} (e.g. 4 or 8)")
     return args
@@ -274,13 +278,21 @@ def measure_matmul_ceiling(torch):
 
 
 def parse_shape(name):
+    """(batch, seq_len, expert_type, fusion) of a shape name: one of SHAPES; BxT (both experts);
+    or stageN:B, stage N's shape at batch B (the guide's schedule at another batch size)."""
     if name in SHAPES:
         return SHAPES[name]
     try:
+        if ":" in name:
+            stage, b = name.split(":")
+            assert stage.startswith("stage") and int(b) > 0
+            return (int(b),) + SHAPES[stage][1:]
         b, t = name.lower().split("x")
+        assert int(b) > 0 and int(t) > 0
         return int(b), int(t), None, False
-    except ValueError:
-        raise SystemExit(f"error: unknown shape {name!r}: use one of {', '.join(SHAPES)} or BxT like 8x8192")
+    except (ValueError, KeyError, AssertionError):
+        raise SystemExit(f"error: unknown shape {name!r}: use one of {', '.join(SHAPES)}, BxT like 8x8192 "
+                         "or stageN:B like stage2:8 (stage N at batch B)")
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -152,3 +153,17 @@ def test_gla_kernels_compiled_for_sm90_keep_their_registers(tmp_path):
     # and it is a measurement: one warp has to spill far more for the same backward
     assert rows[("gla_chunk_bwd", 1)]["stack_bytes"] > 2 * shipped["gla_chunk_bwd"]["stack_bytes"]
 
+
+
+def test_stage_shapes_at_other_batch_sizes():
+    """--shapes stageN:B: stage N's sequence length, experts and fusion at batch B (the guide's
+    schedule at the best batch sizes); a bad name is a one-line error before any GPU work."""
+    from benchmarks import bench_train as bt
+    for stage in ("stage1", "stage2", "stage3"):
+        B, T, experts, fusion = bt.SHAPES[stage]
+        assert bt.parse_shape(f"{stage}:16") == (16, T, experts, fusion)
+    assert bt.parse_shape("stage2:8") == (8, 8192, "alternate", False)
+    assert bt.parse_shape("3x1024") == (3, 1024, None, False)
+    for bad in ("stage4:8", "stage2:0", "stage2:x", "fill512:4", "0x512", "8x"):
+        with pytest.raises(SystemExit, match="unknown shape"):
+            bt.parse_args(["--shapes", f"stage1,{bad}"])
