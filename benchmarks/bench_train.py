@@ -445,7 +445,7 @@ def print_table(results):
 def profile(spec, models, steps, dev, rows=25):
     """One profiled step: top CUDA kernels, kernel-launch count and GPU busy share of the step."""
     import torch
-    shape, variant = spec.split(":")
+    shape, variant = spec.rsplit(":", 1)  # a shape may hold a colon (stage2:8)
     B, T, expert_mode, _ = parse_shape(shape)
     et = "text" if expert_mode == "alternate" else expert_mode
     x = torch.randint(0, mmrec_config().vocab_size, (B, T + 1), device=dev)
