@@ -246,6 +246,7 @@ def make_step(model, variant, compile_mode):
             loss, = graph(expert_type, lambda a, b: (whole_step(a, b, expert_type),), x, y)
             opt.zero_grad(set_to_none=True)
             return loss
+        step.clear_graphs = graph.clear  # between shapes: a larger one gets the memory back
         return step, opt
 
     def step(x, y, expert_type):
@@ -396,6 +397,7 @@ def main(argv=None):
             results.append(row)
         for v in variants:
             opts[v].zero_grad(set_to_none=True)
+            getattr(steps[v], "clear_graphs", lambda: None)()  # this shape's graphs and their pool
         torch.cuda.empty_cache()
         print_table([r for r in results if r["shape"] == shape_name])
         write_json(args, props, torch, ceiling, results)  # after every shape: a timeout loses little

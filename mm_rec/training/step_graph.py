@@ -61,6 +61,13 @@ class GraphedStep:
         """How many graphs have been captured (one per key)."""
         return sum(e.captured for e in self._entries.values())
 
+    def clear(self) -> None:
+        """Drop every key's buffers, graph and outputs, and the shared pool: the memory goes back to
+        PyTorch's allocator once the caller holds no outputs. The next call of a key starts its
+        warm-up again (a benchmark moving to a larger shape uses this)."""
+        self._entries.clear()
+        self._pool = None
+
     def __call__(self, key, step_fn, *inputs: torch.Tensor) -> tuple:
         # Inputs of another shape, dtype or layout get a graph of their own (its own warm-up too).
         key = (key, *((x.shape, x.stride(), x.dtype) for x in inputs))
