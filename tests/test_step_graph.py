@@ -101,25 +101,26 @@ def test_warmup_must_leave_one_eager_step():
 @pytest.mark.parametrize("device", DEVICES)
 def test_clear_drops_the_graphs_and_their_memory(device):
     """clear() forgets every key: the next call warms up and captures again, and (on CUDA) the
-    graphs' pool goes back to the allocator."""
+    graphs' pool goes back to the allocator. Measured as what clear releases, not against the
+    memory before the first step: compared that way, 64 MiB stayed reserved on an H100 (run BY),
+    most likely the cuBLAS workspaces of the warm-up's and capture's own streams."""
     model, opt = _model_and_optimizer(device)
     graphed = GraphedStep(opt, warmup=1, capture=device == "cuda")
     step = lambda a, b: _step(model, opt, a, b)
     x = torch.randint(0, 50, (256, 256), device=device)  # ~13 MB of logits: a pool of tens of MB
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_reserved()
     for _ in range(3):
         graphed("key", step, x, x)
         opt.zero_grad(set_to_none=True)
     assert graphed.captured == 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+        with_graph = torch.cuda.memory_reserved()
     graphed.clear()
     assert graphed.captured == 0
     if device == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        held = torch.cuda.memory_reserved() - before
-        assert held <= 8 * 2**20, held  # what remains: the optimizer's state and gradients' segments
+        released = with_graph - torch.cuda.memory_reserved()
+        assert released >= 10 * 2**20, released
     graphed("key", step, x, x)  # a warm-up step again: run eagerly, nothing captured
     assert graphed.captured == 0
     graphed("key", step, x, x)
