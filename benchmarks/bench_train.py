@@ -284,16 +284,18 @@ def parse_shape(name):
     if name in SHAPES:
         return SHAPES[name]
     try:
-        if ":" in name:
+        if ":" in name:  # stageN:B
             stage, b = name.split(":")
-            assert stage.startswith("stage") and int(b) > 0
-            return (int(b),) + SHAPES[stage][1:]
-        b, t = name.lower().split("x")
-        assert int(b) > 0 and int(t) > 0
-        return int(b), int(t), None, False
-    except (ValueError, KeyError, AssertionError):
-        raise SystemExit(f"error: unknown shape {name!r}: use one of {', '.join(SHAPES)}, BxT like 8x8192 "
-                         "or stageN:B like stage2:8 (stage N at batch B)")
+            shape = (int(b),) + SHAPES[stage][1:] if stage.startswith("stage") else (0,)
+        else:            # BxT
+            b, t = name.lower().split("x")
+            shape = (int(b), int(t), None, False)
+    except (ValueError, KeyError):
+        shape = (0,)
+    if min(shape[:2]) > 0:
+        return shape
+    raise SystemExit(f"error: unknown shape {name!r}: use one of {', '.join(SHAPES)}, BxT like 8x8192 "
+                     "or stageN:B like stage2:8 (stage N at batch B)")
 
 
 def main(argv=None):
