@@ -21,14 +21,14 @@ from ..inference.evaluation import (DOMAINS, EXPERTS, evaluate_data_dir, evaluat
                                     token_byte_lengths)
 from ..inference.loading import load_model
 from ..utils.device import resolve_device
+from ..utils.cli import ArgumentParser
 from ..utils.errors import UserError, run_cli
 
 DEFAULT_SEQ_LEN = 512
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm_rec.scripts.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m mm_rec.scripts.evaluate", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported model directory")
     p.add_argument("--data_dir", help="prepared data directory: evaluate its validation split "
                                       "(default, without --text/--code: the training run's data)")

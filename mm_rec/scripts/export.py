@@ -17,14 +17,14 @@ import torch
 
 from ..inference.export import GUIDE_PT_NAME, save_guide_pt, save_pretrained
 from ..inference.loading import load_model
+from ..utils.cli import ArgumentParser
 from ..utils.errors import UserError, run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm_rec.scripts.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m mm_rec.scripts.export", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported model directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="safetensors", choices=["safetensors", "pt", "both"],

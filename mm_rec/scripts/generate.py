@@ -20,12 +20,12 @@ from ..inference.generation import TokenStream
 from ..inference.loading import load_model
 from ..utils.device import resolve_device
 from ..inference.sessions import SessionMemoryManager
+from ..utils.cli import ArgumentParser
 from ..utils.errors import UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm_rec.scripts.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m mm_rec.scripts.generate", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported model directory")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--expert", default="fused", choices=["text", "code", "fused"],

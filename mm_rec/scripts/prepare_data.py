@@ -18,14 +18,14 @@ import time
 
 from mm_rec.data.prepare import prepare_data
 from mm_rec.data.sources import DEFAULT_TXT_DOC_CHARS
+from mm_rec.utils.cli import ArgumentParser
 from mm_rec.utils.errors import UserError, run_cli
 
 DEFAULT_VOCAB_SIZE = 32000
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm_rec.scripts.prepare_data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m mm_rec.scripts.prepare_data", description=__doc__)
     p.add_argument("--text", nargs="+", default=[], metavar="SRC", help="prose files or directories")
     p.add_argument("--code", nargs="+", default=[], metavar="SRC", help="source-code files or directories")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new, empty, or a previous output)")

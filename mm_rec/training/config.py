@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..model.config import PRESETS, MMRecConfig
+from ..utils.cli import ArgumentParser
 from ..utils.errors import UserError
 from .stages import SCHEDULES, STAGE_NAMES, StageSpec
 
@@ -152,13 +153,6 @@ class TrainConfig:
         return self
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as a UserError (one line, exit 2) instead of usage + exit."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
 def _bool_value(name, value):
     if isinstance(value, bool):
         return value
@@ -166,7 +160,7 @@ def _bool_value(name, value):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m mm_rec.scripts.train_modular",
+    parser = ArgumentParser(prog="python -m mm_rec.scripts.train_modular",
                      description="Staged training of the MM-Rec modular model (see the training guide).",
                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML or JSON file of flag values; flags given here override it")
