@@ -1,6 +1,6 @@
 """Host time of one eager training step: what bounds eager MM-Rec on a GPU, measured on the CPU.
 
-On an H100 the eager step is bound by the host issuing ~1,000 small ops (benchmarks/RESULTS.md):
+On an H100 the eager step is bound by the host issuing ~1,000 small ops:
 the GPU waits for Python and the dispatcher. This script times that host work alone: 16 layers at
 a tiny width (d = 32, 8 tokens), so every op's own compute is negligible, and the two recurrences
 replaced by one-op stand-ins (on a GPU each is one custom op). Forward (model.loss under bf16

@@ -2,8 +2,8 @@
 compiled ahead of time for an H100 (sm_90) on any machine with Triton: no GPU needed. ptxas decides
 how many registers a thread gets and what spills to local memory ("stack" bytes a thread); a kernel
 that spills, or holds so many registers that few programs share an SM, loses to its memory floor.
-This is how the ninth session found the GLA backward kernel spilling 416 bytes a thread at 2 warps
-(benchmarks/RESULTS.md, run BL). A table and, with --out, a JSON file.
+This is how the GLA backward kernel was found spilling 416 bytes a thread at 2 warps.
+A table and, with --out, a JSON file.
 
     python benchmarks/kernel_resources.py
     python benchmarks/kernel_resources.py --warps 1,2,4 --head-dim 64 --dtype fp32

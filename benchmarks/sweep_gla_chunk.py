@@ -67,7 +67,7 @@ def parse_args(argv=None):
 def timed(fn, repeats, inner):
     """Median over `repeats` of the time of `inner` back-to-back calls / inner, in microseconds.
     With inner > 1 the host queues ahead of the GPU, so launch latency drops out of GPU-bound
-    calls (the first sweeps, runs AL and AM, timed single calls: inner = 1)."""
+    calls (the first sweeps timed single calls: inner = 1)."""
     import torch
     fn()
     times = []

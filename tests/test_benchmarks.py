@@ -135,7 +135,7 @@ def test_transformer_baseline_rope_tables_cached_equal_computed():
 def test_gla_kernels_compiled_for_sm90_keep_their_registers(tmp_path):
     """benchmarks/kernel_resources.py compiles the GLA chunk kernels for an H100 without a GPU and
     reads ptxas's registers and spills. At the shipped warps the forward does not spill and the
-    backward spills well under the 416 bytes a thread of its earlier form (run BL), which cost it
+    backward spills well under the 416 bytes a thread of its earlier form, which cost it
     18% of its time: a change that brings the spills back fails here, on the CPU."""
     import json
     import pytest

@@ -102,7 +102,7 @@ def test_warmup_must_leave_one_eager_step():
 def test_clear_drops_the_graphs_and_their_memory(device):
     """clear() forgets every key: the next call warms up and captures again, and (on CUDA) the
     graphs' pool goes back to the allocator. Measured as what clear releases, not against the
-    memory before the first step: compared that way, 64 MiB stayed reserved on an H100 (run BY),
+    memory before the first step: compared that way, 64 MiB stayed reserved on an H100,
     most likely the cuBLAS workspaces of the warm-up's and capture's own streams."""
     model, opt = _model_and_optimizer(device)
     graphed = GraphedStep(opt, warmup=1, capture=device == "cuda")

@@ -98,7 +98,7 @@ class TransformerBaseline(nn.Module):
         nn.init.normal_(self.lm_head.weight, std=config.init_std)
         # RoPE's cos/sin computed once, as buffers (as litgpt and most Transformer code keep them):
         # computed inside forward, a compiled step recomputed them in every layer's rotation
-        # kernels, which then took about 10% of the step at 2x8192 on an H100 (RESULTS.md, run W).
+        # kernels, which then took about 10% of the step at 2x8192 on an H100.
         cos, sin = rope_tables(config.max_unchunked_len, config.head_dim, None)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

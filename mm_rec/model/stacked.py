@@ -102,7 +102,7 @@ BIAS_COLUMNS = 8
 
 def _linear_bias_in_gemm(x: torch.Tensor, weight_bias: tuple) -> torch.Tensor:
     """_linear(x, weight_bias), with stacked experts' bias added inside the matmul (BIAS_COLUMNS).
-    One expert's F.linear stays as it is: there it measured no faster (run BQ)."""
+    One expert's F.linear stays as it is: there it measured no faster."""
     weight, bias = weight_bias
     if bias is None or weight.dim() == 2:
         return _linear(x, weight_bias)

@@ -1,7 +1,7 @@
 """The whole training step replayed from one CUDA graph (`train_modular --cuda_graph`).
 
 At Stage 1's 2,048-token steps the GPU runs a layer's kernels faster than Python can queue them:
-the step is bound by the host, not the GPU (benchmarks/RESULTS.md). Captured once, the step's
+the step is bound by the host, not the GPU. Captured once, the step's
 forward, backward, gradient clipping and fused AdamW update replay with one launch.
 
     graphed = GraphedStep(optimizer)

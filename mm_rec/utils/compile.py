@@ -8,7 +8,7 @@ import torch
 # Inductor's combo kernels launch independent kernels of one graph (the gates' pointwise work, the
 # norms' reductions, the biases' gradients, ...) as one, each part with its own block sizes. They
 # pay where kernels are small and launch-bound and cost where they are large. The graphed 100M
-# step on an H100 (benchmarks/RESULTS.md, runs AX and AY), combo kernels against none:
+# step on an H100 (benchmarks/bench_train.py), combo kernels against none:
 #   4x512, both experts (4,096 tokens a layer call)     11.5 against 12.5 ms
 #   2x8192, one expert (Stage 2, 16,384)                 33.3 against 34.1 ms
 #   2x8192, both experts (32,768)                        62.1 against 60.6 ms

@@ -28,7 +28,7 @@ import triton.language as tl
 
 # Scan tiles: G chunks x [BK, BV] elements per step of the loop. At K = V = 32, 32 programs per
 # (sequence, head); 256 chunks (T = 8192 at 32-token chunks) take 16 steps. The fastest of seven
-# tiles at 4x8192 on an H100 (benchmarks/sweep_gla_chunk.py --state-pass, run AT): 76 + 73 us
+# tiles at 4x8192 on an H100 (benchmarks/sweep_gla_chunk.py --state-pass): 76 + 73 us
 # forward + backward against 88 + 81 for the earlier 32 x 8 x 16.
 SCAN_G, SCAN_BK, SCAN_BV = 16, 4, 8
 CONTRIBUTION_WARPS = 4

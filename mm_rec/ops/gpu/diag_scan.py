@@ -19,7 +19,7 @@ import triton.language as tl
 
 # Tile (tokens x channels), warps per program, and programs wanted per SM when the sequence is cut
 # into segments: the fastest of 54 configurations at every shape swept on an H100
-# (benchmarks/sweep_diag_scan.py, run BD; GPU time forward + backward against 64x64 tiles, 4 warps,
+# (benchmarks/sweep_diag_scan.py; GPU time forward + backward against 64x64 tiles, 4 warps,
 # 4 programs per SM: 172 vs 194 us at 4x8192, 89 vs 99 at 2x8192, 22 vs 26 at 8x512).
 BT, BD = 32, 32
 NUM_WARPS = 2

@@ -25,7 +25,7 @@ fla-core does the same maths in 3 kernels forward and 4 backward (plus the cumul
 the scores A written to memory in between. Here a chunk takes one kernel forward and one backward
 after the state passes: 3 and 8 matmuls of 32 x 32 x 32 on the tensor cores in the inputs' dtype
 (bf16, or tf32 for fp32), fp32 accumulation. On an H100 the op's GPU time forward + backward is a
-third less than with fla's kernels (benchmarks/RESULTS.md, run AL).
+third less than with fla's kernels.
 """
 from __future__ import annotations
 
@@ -216,13 +216,12 @@ def _block(d: int) -> int:
 
 
 # warps per program: of 1, 2, 4 and 8, at 4x8192 on an H100 1 was fastest forward (59 us against
-# 64 for 2) and 2 backward (185 us against 257 for 4 and 282 for 1, run BL; 224 before the backward
-# kernel was reordered); at 8x512 2 was fastest both ways (benchmarks/sweep_gla_chunk.py, runs AL,
-# AT and BL in RESULTS.md)
+# 64 for 2) and 2 backward (185 us against 257 for 4 and 282 for 1; 224 before the backward
+# kernel was reordered); at 8x512 2 was fastest both ways (benchmarks/sweep_gla_chunk.py)
 NUM_WARPS_FWD, NUM_WARPS_BWD = 1, 2
 # a cap on the backward kernel's registers a thread (ptxas .maxnreg; None: ptxas chooses, 255 here).
 # Fewer registers let more programs share an SM but spill more: caps of 96, 128 and 168 took it from
-# 182 us to 499, 335 and 263 at 4x8192, 2 warps (sweep_gla_chunk.py --maxnreg, run BO). Kept for sweeps.
+# 182 us to 499, 335 and 263 at 4x8192, 2 warps (sweep_gla_chunk.py --maxnreg). Kept for sweeps.
 MAXNREG_BWD = None
 
 

@@ -57,7 +57,7 @@ def _chunk_states_bwd(q, k, v, g_cumsum, M0, do, dM_T, scale, BT):
 
 # The GLA's chunk length when fla's kernels work inside the chunks (fla's default is 64; ours are
 # always 32). At our head size (32) fla's kernels in 32-token chunks took 5-9%
-# less GPU time forward + backward on an H100 (bench_ops.py, run AA: 1.155 -> 1.057 ms a layer at
+# less GPU time forward + backward on an H100 (bench_ops.py: 1.155 -> 1.057 ms a layer at
 # 4x8192, 0.180 -> 0.164 ms at 8x512): the intra-chunk kernels shrink more than the state pass grows.
 GLA_CHUNK = 32
 
@@ -65,7 +65,7 @@ GLA_CHUNK = 32
 # The work inside each chunk: "own" (gla_chunk.py: one kernel forward, one backward, for chunks of
 # 32) or "fla" (fla-core's chunk_gla kernels, 3 forward and 4 backward plus the cumulative decays).
 # With the same state passes, the whole op's GPU time forward + backward on an H100 was 0.379 ms
-# against 0.577 at 2x8192, 0.065 against 0.104 at 4x512 (bench_ops.py, run AL).
+# against 0.577 at 2x8192, 0.065 against 0.104 at 4x512 (bench_ops.py).
 INTRA_KERNELS = "own"
 
 
@@ -193,7 +193,7 @@ def gla_bwd(q: Tensor, k: Tensor, v: Tensor, g_cumsum: Tensor, A: Tensor, h: Ten
     dq, dk, dg = chunk_gla_bwd_dqkg(q=q, k=k, v=v, h=h, g=g_cumsum, do=do, dh=dh, dq=dq, dk=dk, scale=scale,
                                     chunk_size=BT)
     # dq, dk are cast here, not left fp32 for the compiled graph to cast: fused there into in_proj's
-    # gradient kernel, they made it 5x slower on an H100 (benchmarks/RESULTS.md, runs AB and AF).
+    # gradient kernel, they made it 5x slower on an H100.
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dM0
 
 
