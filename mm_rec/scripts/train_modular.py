@@ -24,11 +24,16 @@ from mm_rec.utils.errors import run_cli
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     from mm_rec.training.interrupt import TrainingInterrupted
+    from mm_rec.training.recovery import TrainingDiverged
     from mm_rec.training.trainer import Trainer  # after parsing, so --help and flag errors are instant
     try:
         Trainer(cfg).run()
     except TrainingInterrupted as e:  # Ctrl-C: a checkpoint of the last step is saved; say where
         sys.stderr.write(f"{e}\n")
+        sys.stderr.flush()
+        return e.exit_code
+    except TrainingDiverged as e:  # one line, exit 1: no usage error (recovery_protocol.sh retries it)
+        sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         return e.exit_code
     return 0

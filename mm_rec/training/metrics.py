@@ -8,8 +8,10 @@ with the `run_id` of the process that wrote it:
     {"type": "memory", "stage", "step", "run_id", "text/layer_0/h": ..., ...}
     {"type": "recovery", "stage", "step", "run_id", "message", ...}
 "expert" is the expert a Stage-2 step trained ("text" or "code"), "both" in Stages 1 and 3.
-A run that goes back to an earlier step (a resume, a recovery) first drops the rows after that
-step (`drop_rows_after`, an atomic rewrite), so every step is in the file once.
+A resumed run first drops the rows after its checkpoint's step (`drop_rows_after`, an atomic
+rewrite): those steps are trained again, and each is in the file once. Within a run, a recovery
+keeps the rows of the steps it rolls back over (they show what diverged); its "recovery" row
+marks where the re-run begins, and a reader takes the last row of a step.
 
 TensorBoard's x axis is one step count across the stages (stage 2 starts after stage 1's
 max_steps). TensorBoard is a view of metrics.jsonl: when its writer fails (a full or read-only

@@ -25,9 +25,17 @@ from pathlib import Path
 
 import torch
 
+from ..utils.errors import UserError
 from .checkpoint import STAGE_ORDER, newest_valid_checkpoint
 
 LOGGER_NAME = "mm_rec.monitoring"
+
+
+class TrainingDiverged(UserError):
+    """Non-finite steps that recovery could not get past. One line like any UserError, but exit
+    status 1, not 2: it is no usage error, and recovery_protocol.sh retries it (at a lower LR)."""
+
+    exit_code = 1
 
 
 def new_run_id() -> str:
@@ -241,5 +249,5 @@ class RecoveryManager:
         return True, str(path)
 
 
-__all__ = ["RecoveryManager", "Lineage", "new_run_id", "position", "optimizer_param_names",
+__all__ = ["RecoveryManager", "Lineage", "TrainingDiverged", "new_run_id", "position", "optimizer_param_names",
            "mapped_optimizer_state"]

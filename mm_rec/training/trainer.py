@@ -42,7 +42,7 @@ from .metrics import METRICS_FILE, MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
 from .interrupt import GracefulInterrupt, TrainingInterrupted
-from .recovery import Lineage, new_run_id, optimizer_param_names, position
+from .recovery import Lineage, TrainingDiverged, new_run_id, optimizer_param_names, position
 from .rundir import find_previous_run, refuse_reuse, set_aside
 from .runlock import RunLock
 from .stages import StageSpec, next_stage
@@ -531,7 +531,7 @@ class Trainer:
             reason = (f"all {recovery.max_attempts} recovery attempts are used up" if used_up else
                       f"no usable checkpoint of this run in {self.ckpt_dir} to recover from")
             self.log.log_event("recovery", spec.name, step, success=False, message=reason)
-            raise UserError(f"non-finite {what} at step {step} of {spec.name} and {reason}; "
+            raise TrainingDiverged(f"non-finite {what} at step {step} of {spec.name} and {reason}; "
                             f"existing checkpoints are untouched (try a lower --learning_rate or --lr_scale)")
         state = recovery.last_state
         self.lr_scale *= recovery.lr_factor
@@ -544,10 +544,9 @@ class Trainer:
             next_step = 1
         else:
             done = ", completed" if state.get("stage_completed") else ""
-            raise UserError(f"non-finite {what} at step {step} of {spec.name}: the newest checkpoint of this run, "
+            raise TrainingDiverged(f"non-finite {what} at step {step} of {spec.name}: the newest checkpoint of this run, "
                             f"{path} ({state['stage']} step {state['step']}{done}), cannot continue "
                             f"{spec.name}; resume explicitly with --resume_from")
-        self.log.drop_rows_after(state["stage"], int(state["step"]))  # the steps after it are trained again
         if "rng" in state:
             set_rng_state(state["rng"])
         if state.get("scaler_state_dict") and self.scaler.is_enabled():
