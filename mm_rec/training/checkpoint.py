@@ -96,11 +96,12 @@ class CheckpointWriter:
             self._write(snapshot, Path(path), done)
             self.check()
             return
-        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path), done),
+        self._finished = threading.Event()
+        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path), done, self._finished),
                                         name="checkpoint-writer")
         self._thread.start()
 
-    def _write(self, snapshot: dict, path: Path, done) -> None:
+    def _write(self, snapshot: dict, path: Path, done, finished: threading.Event | None = None) -> None:
         try:
             save_checkpoint(snapshot, path)
             if done is not None:
@@ -112,6 +113,9 @@ class CheckpointWriter:
             self._error = str(error) if error else f"could not write checkpoint {path}: {e.strerror or e}"
         except BaseException as e:  # noqa: BLE001 - reported on the training thread
             self._error = f"could not write checkpoint {path}: {type(e).__name__}: {e}"
+        finally:
+            if finished is not None:
+                finished.set()
 
     @property
     def busy(self) -> bool:
@@ -126,6 +130,10 @@ class CheckpointWriter:
     def wait(self) -> None:
         """Block until the write in progress (if any) is on disk; raise if it failed."""
         if self._thread is not None:
+            # An Event, not join() alone: a join interrupted by Ctrl-C can make the next join return
+            # while the thread still writes; a second Ctrl-C here still interrupts this wait.
+            while not self._finished.wait(0.5):
+                pass
             self._thread.join()
             self._thread = None
         self.check()
