@@ -46,10 +46,12 @@ def error_lines(err: str) -> list[str]:
 
 def test_a_held_lock_names_its_holder_and_is_released(tmp_path):
     lock = RunLock(tmp_path).acquire()
+    lock.publish_pid()
     assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
     with pytest.raises(UserError, match=rf"in use by a training process \(pid {os.getpid()}\)"):
         RunLock(tmp_path).acquire()
     lock.release()
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # no stale pid
     RunLock(tmp_path).acquire().release()  # free again
 
 

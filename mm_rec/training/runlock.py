@@ -5,8 +5,10 @@ their rows in one metrics.jsonl, and an --overwrite would move a live run's file
 trainer holds an exclusive `fcntl.flock` on CHECKPOINT_DIR/.mmrec-run.lock for as long as it
 trains; it is taken before anything in the directory is read for reuse, moved or written. The
 kernel drops the lock when the process exits, however it dies (kill -9 included), so a stale
-lock never blocks a resume. The holder writes its pid into the file, which a refused process
-names. The file itself stays (removing a lock file races with the next taker).
+lock never blocks a resume. Once past its start-up checks the holder writes its pid into the
+file, which a refused process names, and empties it on release (a process killed with -9 leaves
+its pid, harmless: the lock is what counts). The file itself stays (removing a lock file races
+with the next taker), and a process refused at start-up leaves it as it was.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class RunLock:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
         self._fd: int | None = None
+        self._published = False
 
     @property
     def held(self) -> bool:
@@ -33,7 +36,7 @@ class RunLock:
 
     def acquire(self, shown_dir: str | None = None) -> "RunLock":
         """Take the lock or raise a one-line UserError naming the holder's pid. Creates the
-        directory if needed; changes nothing else."""
+        directory and the lock file if needed; changes nothing else."""
         shown = shown_dir or str(self.directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -48,20 +51,29 @@ class RunLock:
             holder = _read_pid(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                who = f"pid {holder}" if holder else "another process"
+                who = f"pid {holder}" if holder else "another process, still starting"
                 raise UserError(f"{shown} is in use by a training process ({who}); wait for it to finish or "
                                 f"stop it, or choose another --checkpoint_dir") from None
             raise UserError(f"cannot lock checkpoint directory {shown} ({e.strerror or e}); "
                             f"pick another --checkpoint_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
+
+    def publish_pid(self) -> None:
+        """Write our pid into the lock file, for a refused process to name: once this process has
+        passed its start-up checks (a process refused at start leaves the file as it found it)."""
+        if self._fd is not None and not self._published:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            self._published = True
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
+                if self._published:  # no stale pid for the next reader
+                    os.ftruncate(fd, 0)
+                    self._published = False
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)

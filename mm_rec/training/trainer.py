@@ -31,6 +31,7 @@ from ..model.mmrec import MMRec100M
 from ..ops import load_gpu_backend
 from ..utils.compile import compile_fn
 from ..utils.errors import UserError
+from ..utils.fileio import atomic_write_text
 from ..utils.device import resolve_device
 from . import distributed as D
 from .checkpoint import (STAGE_ORDER, CheckpointWriter, check_finite, checkpoint_name, load_checkpoint,
@@ -159,8 +160,9 @@ class Trainer:
         self.lr_scale = 1.0  # set per stage in train_stage
         self._nan_injected = False
         self._last_grad_warning = -GRAD_WARNING_EVERY
-        if self.is_main and self.tokenizer is not None:
-            self.tokenizer.save(self.ckpt_dir / "tokenizer.json")
+        if self.is_main and self.tokenizer is not None:  # atomic: a full disk leaves no truncated copy
+            atomic_write_text(self.ckpt_dir / "tokenizer.json", self.tokenizer.to_json(), "write the tokenizer to")
+        self.lock.publish_pid()  # committed to train here: a second trainer is told who holds the directory
 
     def _check_graphable(self) -> None:
         """--cuda_graph's requirements, checked before anything is written."""
