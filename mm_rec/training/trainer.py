@@ -531,10 +531,11 @@ class Trainer:
                                     accept=lambda _, state: self.lineage.contains(state, now))
         if not ok:
             reason = (f"all {recovery.max_attempts} recovery attempts are used up" if used_up else
-                      f"no usable checkpoint of this run in {self.ckpt_dir} to recover from")
+                      f"no checkpoint of this run to recover from in {self.ckpt_dir} (corrupt and non-finite "
+                      f"ones are skipped)")
             self.log.log_event("recovery", spec.name, step, success=False, message=reason)
             raise TrainingDiverged(f"non-finite {what} at step {step} of {spec.name} and {reason}; "
-                            f"existing checkpoints are untouched (try a lower --learning_rate or --lr_scale)")
+                                   f"existing checkpoints are untouched (try a lower --learning_rate or --lr_scale)")
         state = recovery.last_state
         self.lr_scale *= recovery.lr_factor
         if state["stage"] == spec.name and not state.get("stage_completed"):
@@ -546,9 +547,9 @@ class Trainer:
             next_step = 1
         else:
             done = ", completed" if state.get("stage_completed") else ""
-            raise TrainingDiverged(f"non-finite {what} at step {step} of {spec.name}: the newest checkpoint of this run, "
-                            f"{path} ({state['stage']} step {state['step']}{done}), cannot continue "
-                            f"{spec.name}; resume explicitly with --resume_from")
+            raise TrainingDiverged(f"non-finite {what} at step {step} of {spec.name}: the newest checkpoint of this "
+                                   f"run, {path} ({state['stage']} step {state['step']}{done}), cannot continue "
+                                   f"{spec.name}; resume explicitly with --resume_from")
         if "rng" in state:
             set_rng_state(state["rng"])
         if state.get("scaler_state_dict") and self.scaler.is_enabled():
