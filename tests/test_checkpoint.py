@@ -50,8 +50,8 @@ def test_a_failed_background_write_is_one_line_and_leaves_no_partial_file(tmp_pa
     monkeypatch.setattr(ckpt_module.torch, "save", full_disk)
     writer = CheckpointWriter()
     writer.save({"model_state_dict": {"w": torch.ones(2)}}, tmp_path / "c.pt")
-    with pytest.raises(UserError, match=r"could not write checkpoint .*c\.pt: No space left on device; "
-                                        r"earlier checkpoints are intact"):
+    with pytest.raises(UserError, match=r"^no space left on device to write checkpoint .*c\.pt; free some space "
+                                        r"or choose another directory; earlier checkpoints are intact$"):
         writer.wait()
     assert list(tmp_path.iterdir()) == []
     writer.check()  # reported once

@@ -77,7 +77,7 @@ def test_only_rank_0_writes(runs):
     ddp = runs["ddp"]
     names = sorted(p.name for p in ddp.iterdir())
     ckpts = [f"checkpoint_{s}_step_{n}.pt" for s in STAGES for n in (2, 4)]
-    assert names == sorted(ckpts + ["metrics.jsonl", "tokenizer.json", "tensorboard"] +
+    assert names == sorted(ckpts + ["metrics.jsonl", "tokenizer.json", "tensorboard", ".mmrec-run.lock"] +
                            [f"loss_{s}.png" for s in STAGES])
     assert len(list((ddp / "tensorboard").iterdir())) == 1  # one event file: one writer
     rows = read_metrics(ddp / "metrics.jsonl", type=None)
@@ -153,9 +153,26 @@ def test_a_new_run_into_a_used_dir_stops_every_rank_with_one_line(runs, data_dir
     assert proc.returncode != 0
     # rank 0 finds the earlier run before anything is written; rank 1 stops with the same line
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    want = (f"error: {ddp} already holds a run (newest: checkpoint_stage3_step_{STEPS}.pt); continue it with "
-            f"--resume_from {ddp / f'checkpoint_stage3_step_{STEPS}.pt'}, start over with --overwrite, "
-            f"or choose another --checkpoint_dir")
+    want = (f"error: {ddp} already holds a run; start over with --overwrite, choose another --checkpoint_dir, "
+            f"or continue it with --resume_from {ddp / f'checkpoint_stage3_step_{STEPS}.pt'}")
     assert errors == [want, want], proc.stderr
     assert "[rank1]" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr
     assert {str(p.relative_to(ddp)): p.read_bytes() for p in ddp.rglob("*") if p.is_file()} == before
+
+
+def test_a_directory_another_trainer_holds_stops_every_rank_with_one_line(data_dir, tmp_path):
+    from mm_rec.training.runlock import RunLock
+    held = tmp_path / "held"
+    lock = RunLock(held).acquire()  # as a trainer running there holds it
+    lock.publish_pid()
+    try:
+        proc = torchrun(2, argv(data_dir, held, 2), timeout=120)
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    want = (f"error: {held} is in use by a training process (pid {os.getpid()}); wait for it to finish or stop "
+            f"it, or choose another --checkpoint_dir")
+    assert errors == [want, want], proc.stderr
+    assert "[rank1]" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in held.iterdir()) == [".mmrec-run.lock"]

@@ -264,14 +264,21 @@ def test_recover_without_checkpoints_or_with_only_corrupt_ones_fails(tmp_path):
     assert optimizer.param_groups[0]["lr"] == lr_before
 
 
-def test_recover_with_a_mismatched_optimizer_fails_cleanly(tmp_path, caplog):
+def test_recover_with_an_unmatchable_optimizer_restores_the_weights_and_starts_it_afresh(tmp_path, caplog):
+    # A checkpoint without parameter names, whose single group cannot be matched to these two:
+    # the weights come back, the optimizer's moments start afresh (one line says so), LR halved.
     model, optimizer, scheduler = make_training()
-    train_and_save(model, optimizer, scheduler, tmp_path, save_at=(2,))
+    saved = train_and_save(model, optimizer, scheduler, tmp_path, save_at=(2,))
     other = torch.optim.AdamW([{"params": list(model.parameters())[:3]},
                                {"params": list(model.parameters())[3:]}], lr=BASE_LR)
-    with caplog.at_level(logging.ERROR, logger=LOGGER):
-        assert RecoveryManager(tmp_path).recover(model, other) == (False, None)
-    assert any("does not fit" in r.getMessage() for r in caplog.records)
+    other.state[next(model.parameters())]["exp_avg"] = torch.full((1,), float("nan"))  # the diverged run's
+    perturb(model)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert RecoveryManager(tmp_path).recover(model, other) == (True, str(saved[2][0]))
+    assert_weights_equal(model, saved[2][1])
+    assert len(other.state) == 0
+    assert [g["lr"] for g in other.param_groups] == pytest.approx([BASE_LR / 2] * 2)
+    assert sum("the optimizer starts afresh" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_recover_unwraps_a_wrapped_model_and_works_without_scheduler(tmp_path):

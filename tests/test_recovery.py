@@ -175,13 +175,19 @@ def test_protocol_resumes_from_the_newest_valid_checkpoint_at_half_lr(stopped_ru
 def test_protocol_gives_up_after_max_attempts_with_halving_scales(stopped_run, tmp_path):
     ckpt_dir = tmp_path / "ckpts"
     shutil.copytree(stopped_run, ckpt_dir)
-    # Every attempt fails (here: a flag the trainer rejects), so the protocol must stop after 2.
-    result = protocol(ckpt_dir, *TINY, "--max_steps", "-1", cwd=tmp_path, env={"MMREC_MAX_ATTEMPTS": "2"})
+    # Every attempt diverges (exit 1; here a PYTHON whose training run always fails), so the
+    # protocol must stop after 2, halving the scale each time.
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/bash\nif [[ "$1" == "-m" ]]; then echo "error: diverged" >&2; exit 1; fi\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    result = protocol(ckpt_dir, *TINY, "--max_steps", "8", cwd=tmp_path,
+                      env={"MMREC_MAX_ATTEMPTS": "2", "PYTHON": str(python)})
     assert result.returncode == 1
     log = (ckpt_dir / "recovery_protocol.log").read_text()
     assert "attempt 1/2: resuming from" in log and "--lr_scale 0.5" in log
     assert "attempt 2/2: resuming from" in log and "--lr_scale 0.25" in log
-    assert log.count("failed with exit status 2") == 2 and "all 2 attempts failed" in log
+    assert log.count("failed with exit status 1") == 2 and "all 2 attempts failed" in log
     assert steps_of(ckpt_dir) == [2, 4]
 
 

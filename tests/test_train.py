@@ -303,10 +303,11 @@ def test_kill_and_resume_gives_the_uninterrupted_losses_bitwise(data_dir, tmp_pa
 
     train(data_dir, broken, *run, "--resume_from", str(broken / "checkpoint_stage1_step_3.pt"))
     rows = read_metrics(broken / "metrics.jsonl")
-    resumed = [r for r in rows[4:]]
-    assert [r["step"] for r in resumed] == [4, 5, 6, 7]  # continues at step 3 + 1
+    # continues at step 3 + 1; the killed run's step-4 row was dropped (each step once)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert len({r["run_id"] for r in rows[:3]} | {r["run_id"] for r in rows[3:]}) == 2
     want = losses(straight)
-    for r in resumed:
+    for r in rows:
         assert r["loss"] == want[("stage1", r["step"])], r["step"]  # bitwise
     a = load_checkpoint(straight / "checkpoint_stage1_step_7.pt")["model_state_dict"]
     b = load_checkpoint(broken / "checkpoint_stage1_step_7.pt")["model_state_dict"]
@@ -348,7 +349,7 @@ def _files(directory: Path) -> dict[str, bytes]:
 def test_overwrite_starts_a_clean_run_and_moves_the_old_one_aside(data_dir, tmp_path, capsys):
     run = ["--stage", "stage1", "--checkpoint_interval", "2", "--eval_interval", "0"]
     train(data_dir, tmp_path, *run, "--max_steps", "6")
-    old = _files(tmp_path)
+    old = {k: v for k, v in _files(tmp_path).items() if k != ".mmrec-run.lock"}  # the lock stays in place
     assert "checkpoint_stage1_step_6.pt" in old and any(k.startswith("tensorboard/") for k in old)
     capsys.readouterr()
 
@@ -407,7 +408,7 @@ def test_nan_at_a_step_recovers_from_the_newest_checkpoint_at_half_lr(data_dir, 
 def test_nan_before_any_checkpoint_stops_with_one_line(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MMREC_INJECT_NAN_AT_STEP", "2")
     train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "4", "--checkpoint_interval", "3",
-          "--eval_interval", "0", expect=2)
+          "--eval_interval", "0", expect=1)  # a diverged run: exit 1, not a usage error
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: non-finite loss at step 2") and "no checkpoint" in err[-1]
     assert "Traceback" not in "\n".join(err)

@@ -5,22 +5,25 @@ pickled objects), so `torch.load(path, weights_only=True)` reads it. Keys: model
 optimizer_state_dict, scheduler_state_dict, step, loss, stage, config (model config dict), plus
 train_args, rng (torch CPU/CUDA RNG states), data_position and stage_completed.
 
-Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
-final name: a crash mid-save leaves the previous checkpoints untouched and no partial file under a
-final name. The trainer writes them in the background (CheckpointWriter): a save costs the training
+Writes go through `utils.fileio.atomic_write`: a temporary `.checkpoint_*.tmp` in the same
+directory, flushed to disk, given the umask's mode, then renamed over the final name. A crash
+mid-save leaves the previous checkpoints untouched and no partial file under a final name (a kill
+can leave the temporary: `remove_partial_saves` deletes those at the next start in the directory);
+a full or read-only disk is one line ("no space left on device to write checkpoint ..."). The trainer writes them in the background (CheckpointWriter): a save costs the training
 loop only a copy of the state into host memory, and the file is written while training goes on.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
 from ..utils.errors import UserError
+from ..utils.fileio import atomic_write, disk_error
 
 STAGE_ORDER = ("stage1", "stage2", "stage3")
 _NAME = re.compile(r"^checkpoint_(stage[123])_step_(\d+)\.pt$")
@@ -31,23 +34,26 @@ def checkpoint_name(stage: str, step: int) -> str:
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Atomically write `state` to `path` (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Atomically write `state` to `path` (temp file + fsync + rename, the umask's mode); a disk
+    problem is a one-line UserError and leaves no temporary."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    return atomic_write(path, write, action="write checkpoint")
+
+
+def remove_partial_saves(directory: str | os.PathLike) -> list[Path]:
+    """Delete the `.checkpoint_*.tmp` files a process killed mid-save left in `directory` (each
+    can be as large as a checkpoint). Call only while holding the directory's run lock: another
+    live process's save in progress looks the same."""
+    removed = []
+    for p in Path(directory).glob(".checkpoint_*.tmp"):
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
+            p.unlink()
+            removed.append(p)
+        except OSError:
             pass
-        raise
-    return path
+    return removed
 
 
 def snapshot_to_cpu(state):
@@ -79,7 +85,7 @@ class CheckpointWriter:
     def __init__(self, background: bool = True):
         self.background = background
         self._thread: threading.Thread | None = None
-        self._error: tuple | None = None
+        self._error: str | None = None
 
     def save(self, state: dict, path: str | os.PathLike, done=None) -> None:
         self.wait()
@@ -90,19 +96,26 @@ class CheckpointWriter:
             self._write(snapshot, Path(path), done)
             self.check()
             return
-        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path), done),
+        self._finished = threading.Event()
+        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path), done, self._finished),
                                         name="checkpoint-writer")
         self._thread.start()
 
-    def _write(self, snapshot: dict, path: Path, done) -> None:
+    def _write(self, snapshot: dict, path: Path, done, finished: threading.Event | None = None) -> None:
         try:
             save_checkpoint(snapshot, path)
             if done is not None:
                 done(path)
+        except UserError as e:  # a full or read-only disk, already one line
+            self._error = str(e)
         except OSError as e:
-            self._error = (path, e.strerror or str(e))
+            error = disk_error(e, path, "write checkpoint")
+            self._error = str(error) if error else f"could not write checkpoint {path}: {e.strerror or e}"
         except BaseException as e:  # noqa: BLE001 - reported on the training thread
-            self._error = (path, f"{type(e).__name__}: {e}")
+            self._error = f"could not write checkpoint {path}: {type(e).__name__}: {e}"
+        finally:
+            if finished is not None:
+                finished.set()
 
     @property
     def busy(self) -> bool:
@@ -111,13 +124,16 @@ class CheckpointWriter:
     def check(self) -> None:
         """Raise the failure of the last write, if it failed."""
         if self._error is not None:
-            path, reason = self._error
-            self._error = None
-            raise UserError(f"could not write checkpoint {path}: {reason}; earlier checkpoints are intact")
+            message, self._error = self._error, None
+            raise UserError(f"{message}; earlier checkpoints are intact")
 
     def wait(self) -> None:
         """Block until the write in progress (if any) is on disk; raise if it failed."""
         if self._thread is not None:
+            # An Event, not join() alone: a join interrupted by Ctrl-C can make the next join return
+            # while the thread still writes; a second Ctrl-C here still interrupts this wait.
+            while not self._finished.wait(0.5):
+                pass
             self._thread.join()
             self._thread = None
         self.check()
@@ -138,6 +154,30 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
+def non_finite_entry(state: dict) -> str | None:
+    """The name of the first weight (or optimizer moment) of a checkpoint holding NaN or Inf, else None."""
+    def bad(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    for name, tensor in (state.get("model_state_dict") or {}).items():
+        if bad(tensor):
+            return name
+    for index, entry in ((state.get("optimizer_state_dict") or {}).get("state") or {}).items():
+        for key, tensor in (entry.items() if isinstance(entry, dict) else ()):
+            if bad(tensor):
+                return f"optimizer state {index}/{key}"
+    loss = state.get("loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        return "loss"
+    return None
+
+
+def check_finite(state: dict, path) -> None:
+    """Refuse a checkpoint whose weights are not all finite (it would train or generate garbage)."""
+    bad = non_finite_entry(state)
+    if bad is not None:
+        raise UserError(f"checkpoint {path} holds non-finite values ({bad}); resume from an earlier checkpoint")
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Checkpoints in `directory`, oldest first by (stage, step)."""
     directory = Path(directory)
@@ -151,13 +191,31 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def newest_valid_checkpoint(directory: str | os.PathLike, map_location="cpu"):
-    """(path, state) of the newest checkpoint that loads, skipping corrupt ones; (None, None) if none."""
+def checkpoint_position(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(stage index, step) from a standard checkpoint name, else None."""
+    m = _NAME.match(Path(path).name)
+    return (STAGE_ORDER.index(m.group(1)), int(m.group(2))) if m else None
+
+
+def newest_valid_checkpoint(directory: str | os.PathLike, map_location="cpu", accept=None, on_skip=None):
+    """(path, state) of the newest checkpoint that loads and holds only finite values, skipping
+    corrupt and poisoned ones (each named by on_skip(path, reason) if given) and those for which
+    accept(path, state) is False; (None, None) if none."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            return path, load_checkpoint(path, map_location)
+            state = load_checkpoint(path, map_location)
         except UserError:
+            if on_skip is not None:
+                on_skip(path, "corrupt or unreadable")
             continue
+        if accept is not None and not accept(path, state):
+            continue
+        bad = non_finite_entry(state)
+        if bad is not None:
+            if on_skip is not None:
+                on_skip(path, f"non-finite values ({bad})")
+            continue
+        return path, state
     return None, None
 
 

@@ -7,7 +7,8 @@ step 1, 2, ... to metrics.jsonl and let --keep_last prune the old run's checkpoi
 refuses it (`refuse_reuse`) unless --overwrite is given. --overwrite deletes nothing: it moves the
 earlier run's files into CHECKPOINT_DIR/previous_run.bak-TIMESTAMP/ (`set_aside`: renames, no
 copies), so the new run starts in a clean directory and recovery or --keep_last never touch the old
-run. Resuming (--resume_from) appends to the run in the directory, as before.
+run. Resuming (--resume_from) continues the run in the directory. Only one process trains in a
+directory at a time (runlock.py); these checks run while holding its lock.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..utils.errors import UserError
-from .checkpoint import list_checkpoints
+from .checkpoint import list_checkpoints, load_checkpoint, non_finite_entry
 from .metrics import METRICS_FILE
 
 TENSORBOARD_DIR = "tensorboard"
@@ -54,15 +55,32 @@ def find_previous_run(directory: str | os.PathLike) -> PreviousRun | None:
     return PreviousRun(checkpoints=others + standard, metrics=metrics if has_metrics else None)
 
 
+def newest_valid(run: PreviousRun) -> Path | None:
+    """The newest of `run`'s checkpoints that loads and holds only finite values (the one a
+    resume can use), or None."""
+    for path in reversed(run.checkpoints):
+        try:
+            state = load_checkpoint(path)
+        except UserError:
+            continue
+        if non_finite_entry(state) is None:
+            return path
+    return None
+
+
 def refuse_reuse(shown_dir: str, run: PreviousRun) -> UserError:
     """The one-line error for a new run aimed at a directory holding `run`; `shown_dir` is the
-    --checkpoint_dir as the user typed it, so the suggested --resume_from path can be pasted."""
-    if run.newest is None:
-        return UserError(f"{shown_dir} already holds a run ({METRICS_FILE}, no checkpoint); start over there "
+    --checkpoint_dir as the user typed it, so the suggested --resume_from path can be pasted: it
+    ends the line, with nothing after it."""
+    valid = newest_valid(run)
+    if valid is None:
+        what = (f"{METRICS_FILE}, no checkpoint" if run.newest is None
+                else f"no valid checkpoint: {len(run.checkpoints)} corrupt or non-finite")
+        return UserError(f"{shown_dir} already holds a run ({what}); start over there "
                          f"with --overwrite, or choose another --checkpoint_dir")
-    resume = shlex.quote(os.path.join(shown_dir, run.newest.name))
-    return UserError(f"{shown_dir} already holds a run (newest: {run.newest.name}); continue it with "
-                     f"--resume_from {resume}, start over with --overwrite, or choose another --checkpoint_dir")
+    resume = shlex.quote(os.path.join(shown_dir, valid.name))
+    return UserError(f"{shown_dir} already holds a run; start over with --overwrite, choose another "
+                     f"--checkpoint_dir, or continue it with --resume_from {resume}")
 
 
 # What a run writes into its directory (the default TensorBoard folder is added when in use).
@@ -96,4 +114,4 @@ def set_aside(directory: str | os.PathLike, include_tensorboard: bool) -> Path |
     return aside
 
 
-__all__ = ["PreviousRun", "find_previous_run", "refuse_reuse", "set_aside", "RUN_FILES", "TENSORBOARD_DIR"]
+__all__ = ["PreviousRun", "find_previous_run", "newest_valid", "refuse_reuse", "set_aside", "RUN_FILES", "TENSORBOARD_DIR"]

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +31,21 @@ from ..model.mmrec import MMRec100M
 from ..ops import load_gpu_backend
 from ..utils.compile import compile_fn
 from ..utils.errors import UserError
+from ..utils.fileio import atomic_write_text
 from ..utils.device import resolve_device
 from . import distributed as D
-from .checkpoint import (STAGE_ORDER, CheckpointWriter, checkpoint_name, load_checkpoint, prune_checkpoints,
-                         rng_state, set_rng_state)
+from .checkpoint import (STAGE_ORDER, CheckpointWriter, check_finite, checkpoint_name, load_checkpoint,
+                         prune_checkpoints, remove_partial_saves, rng_state, set_rng_state)
 from .config import TrainConfig
 from .data import open_training_data
 from .evaluation import evaluate_loss
-from .metrics import MetricsLogger, NullLogger
+from .metrics import METRICS_FILE, MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
+from .interrupt import GracefulInterrupt, TrainingInterrupted
+from .recovery import Lineage, TrainingDiverged, new_run_id, optimizer_param_names, position
 from .rundir import find_previous_run, refuse_reuse, set_aside
+from .runlock import RunLock
 from .stages import StageSpec, next_stage
 from .step_graph import GraphedStep, inner_compile_mode
 
@@ -93,6 +98,15 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist.is_main
         self.ckpt_dir = Path(cfg.checkpoint_dir)
+        # One process trains in a directory at a time (rank 0 holds the lock until run() ends).
+        self.lock = RunLock(self.ckpt_dir)
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.lock.release()  # an in-process caller may start another run here
+            raise
+
+    def _setup(self, cfg: TrainConfig) -> None:
         # Checkpoints are written in the background (rank 0): the loop pays only the copy to host memory.
         self.checkpoints = CheckpointWriter()
         self.model_config: MMRecConfig = cfg.model_config()
@@ -104,6 +118,10 @@ class Trainer:
         self.resume_state = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
         if self.resume_state is not None:
             _check_same_model(self.resume_state, self.model_config, cfg.resume_from)
+            check_finite(self.resume_state, cfg.resume_from)
+        # This process's run id, in every checkpoint and metrics row, and the trajectory it
+        # continues: recovery only rolls back along it (recovery.py).
+        self.lineage = Lineage.start(D.broadcast_object(new_run_id()), self.resume_state)
         # A checkpoint that cannot continue the wanted stage is refused here, before anything is written.
         self.plan = self._plan()
 
@@ -142,8 +160,9 @@ class Trainer:
         self.lr_scale = 1.0  # set per stage in train_stage
         self._nan_injected = False
         self._last_grad_warning = -GRAD_WARNING_EVERY
-        if self.is_main and self.tokenizer is not None:
-            self.tokenizer.save(self.ckpt_dir / "tokenizer.json")
+        if self.is_main and self.tokenizer is not None:  # atomic: a full disk leaves no truncated copy
+            atomic_write_text(self.ckpt_dir / "tokenizer.json", self.tokenizer.to_json(), "write the tokenizer to")
+        self.lock.publish_pid()  # committed to train here: a second trainer is told who holds the directory
 
     def _check_graphable(self) -> None:
         """--cuda_graph's requirements, checked before anything is written."""
@@ -160,20 +179,37 @@ class Trainer:
                             "(recomputing dropout would need the RNG state, which a graph cannot read)")
 
     def _check_output_dir(self) -> None:
-        """Refuse a new run in a directory holding another (unless --overwrite), then check that it
-        can be written."""
+        """Take the directory's lock (a second trainer there is refused before it reads, moves or
+        writes anything), refuse a new run in a directory holding another (unless --overwrite),
+        check that it can be written, and remove the partial saves of a killed process."""
+        self.lock.acquire(self.cfg.checkpoint_dir)
         previous = None if self.cfg.resume_from else find_previous_run(self.ckpt_dir)
         if previous is not None and not self.cfg.overwrite:
             raise refuse_reuse(self.cfg.checkpoint_dir, previous)
         _check_writable(self.ckpt_dir)
+        for path in remove_partial_saves(self.ckpt_dir):
+            self.print(f"note: removed {path.name}, a checkpoint save interrupted by an earlier process")
 
     def _open_log(self, cfg: TrainConfig) -> MetricsLogger:
         if cfg.overwrite:  # as late as possible: a run that fails to start leaves the old one in place
             aside = set_aside(self.ckpt_dir, include_tensorboard=cfg.log_dir is None)
             if aside is not None:
                 self.print(f"--overwrite: the earlier run in {_display(self.ckpt_dir)} was moved to {_display(aside)}")
-        return MetricsLogger(self.ckpt_dir, cfg.log_dir, cfg.wandb, cfg.wandb_project,
-                             run_name=f"{cfg.preset}-{cfg.stage}", config=cfg.to_dict())
+        # TensorBoard: one step axis, each stage after the previous stages' steps.
+        offsets, total = {}, 0
+        for name in STAGE_ORDER:
+            offsets[name] = total
+            total += cfg.stage_spec(name).max_steps
+        log = MetricsLogger(self.ckpt_dir, cfg.log_dir, cfg.wandb, cfg.wandb_project,
+                            run_name=f"{cfg.preset}-{cfg.stage}", config=cfg.to_dict(),
+                            run_id=self.lineage.run_id, stage_offsets=offsets, warn=self.print)
+        if self.resume_state is not None:  # the steps after the checkpoint are trained again
+            stage, step = self.resume_state.get("stage"), int(self.resume_state.get("step", 0))
+            dropped = log.drop_rows_after(stage, step)
+            if dropped:
+                self.print(f"note: {dropped} rows of {METRICS_FILE} after {stage} step {step} were dropped "
+                           f"(those steps are trained again)")
+        return log
 
     def _on_main(self, fn):
         """fn() on rank 0 only (None elsewhere). A UserError there is raised on every rank, so all
@@ -196,15 +232,19 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> None:
+        # Ctrl-C (one process): finish the step, save it, exit 130 with the --resume_from to use.
+        self.interrupt = GracefulInterrupt(enabled=not self.dist.enabled)
         try:
-            self._print_setup()
-            for name, state in self.plan:
-                self.train_stage(self.cfg.stage_spec(name), state)
+            with self.interrupt:
+                self._print_setup()
+                for name, state in self.plan:
+                    self.train_stage(self.cfg.stage_spec(name), state)
         finally:
             try:  # a checkpoint being written is finished, whatever stopped the run
                 self.checkpoints.wait()
             finally:
                 self.log.close()
+                self.lock.release()
             self._restore_monitor_logs()
             D.shutdown_distributed()
 
@@ -314,7 +354,7 @@ class Trainer:
 
                 last = step == spec.max_steps
                 evaluate = last or (spec.eval_interval and step % spec.eval_interval == 0)
-                save = last or step % spec.checkpoint_interval == 0
+                save = last or step % spec.checkpoint_interval == 0 or self._interrupted()
                 if lagged and not (evaluate or save):
                     pending = record
                     step += 1
@@ -327,6 +367,8 @@ class Trainer:
                 val = self._evaluate(spec, step) if evaluate else None
                 if save:
                     self._save(spec, step, record.values()[0], optimizer, scheduler, completed=last, val_losses=val)
+                if self._interrupted():
+                    self._stop_interrupted(spec, step)
                 step += 1
         finally:  # closed before any error line, so that line is the last one printed
             profiler.finish()
@@ -340,6 +382,16 @@ class Trainer:
         if self.is_main:
             self.log.plot_stage(spec.name)
         self.print(f"✅ Stage {spec.name} training completed!")
+
+    def _interrupted(self) -> bool:
+        return getattr(self, "interrupt", None) is not None and self.interrupt.requested
+
+    def _stop_interrupted(self, spec: StageSpec, step: int) -> None:
+        """After Ctrl-C: the step's checkpoint is written (wait for it), then stop with one line."""
+        self.checkpoints.wait()
+        shown = _display(self.ckpt_dir / checkpoint_name(spec.name, step))
+        raise TrainingInterrupted(f"interrupted: {spec.name} step {step} is saved in {shown}; continue with the same "
+                                  f"flags (less --overwrite) and --resume_from {shlex.quote(shown)}")
 
     def _check(self, record: "_StepRecord") -> bool:
         """The stability monitor's verdict on a step's loss and gradient norm (reads them back)."""
@@ -357,8 +409,9 @@ class Trainer:
         losses.append(loss)
         cfg = self.cfg
         tok_s = spec.batch_size * spec.seq_len * cfg.grad_accum_steps * self.dist.world_size / max(seconds, 1e-9)
+        expert = spec.batch_plan(step)[1] or "both"  # Stage 2 trains one expert per step
         self.log.log_train(spec.name, step, loss=loss, lr=record.lr, grad_norm=gn, tokens_per_s=tok_s,
-                           step_time_s=seconds, lr_scale=self.lr_scale)
+                           step_time_s=seconds, lr_scale=self.lr_scale, expert=expert)
         if record.memory:
             self.log.log_memory(spec.name, step, record.memory)
         if gn > GRAD_NORM_WARNING and step - self._last_grad_warning >= GRAD_WARNING_EVERY:
@@ -472,13 +525,17 @@ class Trainer:
         used_up = recovery.attempts >= recovery.max_attempts
         self.checkpoints.wait()  # the newest checkpoint may still be being written
         D.barrier()  # rank 0 may still be writing a checkpoint
-        ok, path = recovery.recover(self.model, optimizer, scheduler)
+        # Only this run's own trajectory, up to the failed step (not another run's newer files).
+        now = position(spec.name, step)
+        ok, path = recovery.recover(self.model, optimizer, scheduler,
+                                    accept=lambda _, state: self.lineage.contains(state, now))
         if not ok:
             reason = (f"all {recovery.max_attempts} recovery attempts are used up" if used_up else
-                      f"no checkpoint in {self.ckpt_dir} to recover from")
+                      f"no checkpoint of this run to recover from in {self.ckpt_dir} (corrupt and non-finite "
+                      f"ones are skipped)")
             self.log.log_event("recovery", spec.name, step, success=False, message=reason)
-            raise UserError(f"non-finite {what} at step {step} of {spec.name} and {reason}; "
-                            f"existing checkpoints are untouched (try a lower --learning_rate or --lr_scale)")
+            raise TrainingDiverged(f"non-finite {what} at step {step} of {spec.name} and {reason}; "
+                                   f"existing checkpoints are untouched (try a lower --learning_rate or --lr_scale)")
         state = recovery.last_state
         self.lr_scale *= recovery.lr_factor
         if state["stage"] == spec.name and not state.get("stage_completed"):
@@ -489,8 +546,10 @@ class Trainer:
             scheduler = build_scheduler(optimizer, spec.warmup_steps, spec.max_steps)
             next_step = 1
         else:
-            raise UserError(f"non-finite {what} at step {step}: the newest checkpoint {path} is from "
-                            f"{state['stage']}, not {spec.name}; resume explicitly with --resume_from")
+            done = ", completed" if state.get("stage_completed") else ""
+            raise TrainingDiverged(f"non-finite {what} at step {step} of {spec.name}: the newest checkpoint of this "
+                                   f"run, {path} ({state['stage']} step {state['step']}{done}), cannot continue "
+                                   f"{spec.name}; resume explicitly with --resume_from")
         if "rng" in state:
             set_rng_state(state["rng"])
         if state.get("scaler_state_dict") and self.scaler.is_enabled():
@@ -556,6 +615,9 @@ class Trainer:
                 "stage_completed": completed,
                 "lr_scale": self.lr_scale,
                 "world_size": self.dist.world_size,
+                "run_id": self.lineage.run_id,
+                "lineage": self.lineage.to_list(),
+                "optimizer_param_names": optimizer_param_names(self.model, optimizer),
                 "val_losses": val_losses,
                 "tokenizer": None if self.tokenizer is None else self.tokenizer.to_json(),
             }

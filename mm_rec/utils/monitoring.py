@@ -9,8 +9,11 @@
   consecutive failures.
 - `MemoryNormHook` measures the short-term (h) and long-term (M) memory states per expert and layer
   and warns when a norm leaves [0.001, 100].
-- `RecoveryManager` restores the newest checkpoint that loads (corrupt files are skipped),
-  multiplies the learning rate by 0.5 and gives up after 3 attempts per run.
+- `RecoveryManager` (mm_rec.training.recovery) restores the newest checkpoint that loads and holds
+  finite weights (corrupt and poisoned files are skipped, each named in one line), with the
+  optimizer state mapped by parameter (any optimizer over the model's parameters, e.g. a plain
+  `AdamW(model.parameters())`, works on the trainer's checkpoints), multiplies the learning rate by
+  0.5 and gives up after 3 attempts per run.
 
 Recovery drills: `MMREC_INJECT_NAN_AT_STEP=k` makes the trainer's loss at step k NaN once, and
 `corrupt_checkpoint(path)` damages a checkpoint file so that it no longer loads (mlops/README.md).
@@ -26,32 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ..training.checkpoint import newest_valid_checkpoint
+from ..training.recovery import RecoveryManager, _strip_wrapper_prefixes, _unwrap  # noqa: F401 - public here
 
 LOGGER_NAME = "mm_rec.monitoring"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP/DataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    while True:
-        if isinstance(model, wrappers):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _strip_wrapper_prefixes(state_dict: dict) -> dict:
-    """Keys saved from a wrapped model ("module.", "_orig_mod.") mapped to the plain model's keys."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
 
 
 # -- stability -----------------------------------------------------------------------------------
@@ -171,86 +151,6 @@ class MemoryNormHook:
             self.log.warning("step %s: memory norm outside [%g, %g]: %s", step, self.low, self.high, shown)
         self.last = out
         return out
-
-
-# -- recovery ------------------------------------------------------------------------------------
-class RecoveryManager:
-    """Roll back to the newest checkpoint that loads and continue at a lower learning rate.
-
-    `recover(model, optimizer, scheduler=None) -> (success, checkpoint_path)`:
-    1. gives up with (False, None) once `max_attempts` recoveries have been tried in this run;
-    2. finds the newest checkpoint in `checkpoint_dir` that loads (corrupt files are skipped);
-    3. loads its model, optimizer and (if given and saved) scheduler states;
-    4. sets the learning rate to `lr_factor` times the one in effect before the failure: the base LR
-       (param_group "initial_lr", scheduler.base_lrs) becomes lr_factor x the current base, and the
-       LR at the restored step follows. Measured against the current base rather than the
-       checkpoint's, so two recoveries to the same checkpoint give 0.25x, not 0.5x twice.
-
-    After a success: `lr_scale` is the cumulative factor of this run's recoveries (0.5, 0.25, ...),
-    `last_state` the loaded checkpoint dict (step, rng, data_position ... for the trainer) and
-    `history` the list of (checkpoint step, path). RNG and data position are left to the caller.
-    """
-
-    def __init__(self, checkpoint_dir: str | os.PathLike = "./checkpoints", max_attempts: int = 3,
-                 lr_factor: float = 0.5, logger: logging.Logger | None = None):
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.max_attempts = int(max_attempts)
-        self.lr_factor = float(lr_factor)
-        self.log = logger or logging.getLogger(LOGGER_NAME)
-        self.attempts = 0
-        self.lr_scale = 1.0
-        self.last_state: dict | None = None
-        self.history: list[tuple[int | None, str]] = []
-
-    def recover(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                scheduler=None) -> tuple[bool, str | None]:
-        if self.attempts >= self.max_attempts:
-            self.log.error("cannot recover: all %d recovery attempts of this run are used up", self.max_attempts)
-            return False, None
-        self.attempts += 1
-        attempt = f"attempt {self.attempts}/{self.max_attempts}"
-
-        path, state = newest_valid_checkpoint(self.checkpoint_dir)
-        if path is None:
-            self.log.error("cannot recover (%s): no loadable checkpoint in %s", attempt, self.checkpoint_dir)
-            return False, None
-
-        # The base LR in effect now: the target is lr_factor times this, whatever the checkpoint holds.
-        if optimizer is not None:
-            current_base = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
-        try:
-            if optimizer is not None and "optimizer_state_dict" in state:
-                optimizer.load_state_dict(state["optimizer_state_dict"])  # validates groups before changing anything
-            _unwrap(model).load_state_dict(_strip_wrapper_prefixes(state["model_state_dict"]))
-            if scheduler is not None and state.get("scheduler_state_dict") is not None:
-                scheduler.load_state_dict(state["scheduler_state_dict"])
-        except (ValueError, RuntimeError, KeyError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self.log.error("cannot recover (%s): checkpoint %s does not fit this model/optimizer: %s",
-                           attempt, path, first_line)
-            return False, None
-
-        if optimizer is not None:
-            for i, group in enumerate(optimizer.param_groups):
-                target_base = current_base[i] * self.lr_factor
-                loaded_base = group.get("initial_lr", group["lr"])
-                ratio = target_base / loaded_base if loaded_base > 0 else self.lr_factor
-                group["lr"] *= ratio
-                if "initial_lr" in group:
-                    group["initial_lr"] = target_base
-                if scheduler is not None and hasattr(scheduler, "base_lrs") and i < len(scheduler.base_lrs):
-                    scheduler.base_lrs[i] = target_base
-            if scheduler is not None and hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-        self.lr_scale *= self.lr_factor
-        self.last_state = state
-        step = state.get("step")
-        self.history.append((step, str(path)))
-        lr_text = "" if optimizer is None else f", lr now {optimizer.param_groups[0]['lr']:.3g}"
-        self.log.warning("recovered from %s (step %s, %s): learning rate x%g (cumulative x%g)%s",
-                         path, step, attempt, self.lr_factor, self.lr_scale, lr_text)
-        return True, str(path)
 
 
 def create_monitoring_hooks(model: torch.nn.Module, checkpoint_dir: str | os.PathLike = "./checkpoints",
