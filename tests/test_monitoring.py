@@ -83,8 +83,9 @@ def test_memory_hook_matches_norms_computed_by_hand():
         for i, layer in enumerate(states[expert]):
             h, M = layer["h"].detach().double(), layer["M"].detach().double()
             assert h.shape == (3, 16) and M.shape == (3, 2, 8, 8)
-            by_hand[f"{expert}/layer_{i}/h"] = sum(math.sqrt((h[b] ** 2).sum().item()) for b in range(3)) / 3
-            by_hand[f"{expert}/layer_{i}/M"] = sum(math.sqrt((M[b] ** 2).sum().item()) for b in range(3)) / 3
+            # the RMS of each sample's elements, averaged over the batch
+            by_hand[f"{expert}/layer_{i}/h"] = sum(math.sqrt((h[b] ** 2).mean().item()) for b in range(3)) / 3
+            by_hand[f"{expert}/layer_{i}/M"] = sum(math.sqrt((M[b] ** 2).mean().item()) for b in range(3)) / 3
     for key, value in by_hand.items():
         assert norms[key] == pytest.approx(value, rel=1e-5), key
     for prefix, experts in (("text", ["text"]), ("code", ["code"]), ("all", ["text", "code"])):
@@ -110,8 +111,8 @@ def test_memory_hook_handles_a_single_expert_and_keeps_last():
 
 def test_memory_hook_warns_outside_the_thresholds(caplog):
     hook = MemoryNormHook()  # guide: warn when a norm is > 100 or < 0.001
-    states = {"text": [{"h": torch.full((2, 4), 100.0), "M": torch.full((2, 1, 2, 2), 0.1)},   # |h| = 200
-                       {"h": torch.full((2, 4), 1.0), "M": torch.zeros(2, 1, 2, 2)}]}          # |M| = 0
+    states = {"text": [{"h": torch.full((2, 4), 200.0), "M": torch.full((2, 1, 2, 2), 0.1)},   # rms(h) = 200
+                       {"h": torch.full((2, 4), 1.0), "M": torch.zeros(2, 1, 2, 2)}]}          # rms(M) = 0
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         norms = hook(states, step=11)
     assert norms["text/layer_0/h"] == pytest.approx(200.0)
@@ -126,10 +127,10 @@ def test_memory_hook_warns_outside_the_thresholds(caplog):
         MemoryNormHook(high=1000.0, low=0.0)(states, step=12)
     assert caplog.records == []
 
-    # Still outside at the next call: no repeat. Just inside (|h| = 90), then out: no repeat either.
-    # Well inside (|h| = 2, |M| = 0.2), then out again: warned anew.
-    inside = {"text": [{"h": torch.full((2, 4), 1.0), "M": torch.full((2, 1, 2, 2), 0.1)}] * 2}
-    near = {"text": [{"h": torch.full((2, 4), 45.0), "M": torch.full((2, 1, 2, 2), 0.1)},
+    # Still outside at the next call: no repeat. Just inside (rms(h) = 90), then out: no repeat either.
+    # Well inside (rms(h) = 2, rms(M) = 0.1), then out again: warned anew.
+    inside = {"text": [{"h": torch.full((2, 4), 2.0), "M": torch.full((2, 1, 2, 2), 0.1)}] * 2}
+    near = {"text": [{"h": torch.full((2, 4), 90.0), "M": torch.full((2, 1, 2, 2), 0.1)},
                      {"h": torch.full((2, 4), 1.0), "M": torch.zeros(2, 1, 2, 2)}]}
     for step, s, expect in [(13, states, []), (14, near, []), (15, states, []), (16, inside, []),
                             (17, states, ["text/layer_0/h", "text/layer_1/M"])]:
