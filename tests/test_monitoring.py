@@ -110,7 +110,7 @@ def test_memory_hook_handles_a_single_expert_and_keeps_last():
 
 
 def test_memory_hook_warns_outside_the_thresholds(caplog):
-    hook = MemoryNormHook()  # guide: warn when a norm is > 100 or < 0.001
+    hook = MemoryNormHook(high=100.0, low=1e-3)  # the guide's §5.4 limits (the defaults are wider: see below)
     states = {"text": [{"h": torch.full((2, 4), 200.0), "M": torch.full((2, 1, 2, 2), 0.1)},   # rms(h) = 200
                        {"h": torch.full((2, 4), 1.0), "M": torch.zeros(2, 1, 2, 2)}]}          # rms(M) = 0
     with caplog.at_level(logging.WARNING, logger=LOGGER):

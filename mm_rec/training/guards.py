@@ -72,21 +72,27 @@ def stage_data_use(spec, global_batch: int, grad_accum: int, held: dict[str, int
     return out
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n / 1e3:,.1f}K" if n >= 1e3 else str(n)
+
+
 def epochs_report(stage: str, uses: list[DataUse], max_steps: int) -> list[str]:
     """The report's lines: one per domain, then one warning per domain above EPOCH_WARNING epochs."""
     lines = []
     for u in uses:
         who = "both experts" if u.expert == "both" else f"the {u.expert} expert"
-        lines.append(f"data: {stage} feeds {who} {u.consumed / 1e6:,.1f}M {u.domain} tokens; the training data "
-                     f"holds {u.held / 1e6:,.1f}M: {u.epochs:.1f} epochs")
-    for u in uses:
-        if u.epochs > EPOCH_WARNING:
-            fewer = max(1, int(max_steps * EPOCH_WARNING / u.epochs))
-            lines.append(f"⚠️ {stage} shows the {u.domain} data {u.epochs:.0f} times (more than {EPOCH_WARNING:g} "
-                         f"epochs): the model will memorise it rather than learn. Bring more {u.domain}: "
-                         f"python -m mm_rec.scripts.prepare_data --{u.domain} SOURCE... --out DIR with more "
-                         f"sources, then --data_dir DIR; or train fewer steps (--max_steps {fewer} keeps "
-                         f"{stage} within {EPOCH_WARNING:g} epochs)")
+        lines.append(f"data: {stage} feeds {who} {_count(u.consumed)} {u.domain} tokens; the training data "
+                     f"holds {_count(u.held)}: {u.epochs:.2g} epochs")
+    over = [u for u in uses if u.epochs > EPOCH_WARNING]
+    if over:
+        worst = max(u.epochs for u in over)
+        fewer = max(1, int(max_steps * EPOCH_WARNING / worst))
+        shown = " and ".join(f"the {u.domain} data {u.epochs:.0f} times" for u in over)
+        domains = "/".join(u.domain for u in over)
+        lines.append(f"⚠️ {stage} shows {shown} (more than {EPOCH_WARNING:g} epochs): the model will memorise it "
+                     f"rather than learn. Bring more {domains}: python -m mm_rec.scripts.prepare_data --text SOURCE... "
+                     f"--code SOURCE... --out DIR with more sources, then --data_dir DIR; or train fewer steps "
+                     f"(--max_steps {fewer} keeps {stage} within {EPOCH_WARNING:g} epochs)")
     return lines
 
 
