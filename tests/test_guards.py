@@ -175,3 +175,19 @@ def test_evaluation_never_builds_full_logits(data_dir, monkeypatch):
     loss = evaluate_loss(model, data, "text", None, batch_size=2, seq_len=16, max_batches=3, head_chunk=8)
     assert loss == pytest.approx(nats / count, rel=1e-6)
     assert rows and max(rows) <= 8
+
+
+def test_a_healthy_tiny_run_prints_no_warning(data_dir, tmp_path, capsys, caplog):
+    """The tiny preset's model through all three stages, memory norms measured at every step: no
+    warning line (issue 26: the quick start printed several memory-norm warnings)."""
+    argv = ["--preset", "tiny", "--vocab_size", "512", "--data_dir", str(data_dir), "--checkpoint_dir", str(tmp_path),
+            "--stage", "all", "--max_steps", "4", "--seq_len", "64", "--batch_size", "2", "--eval_batches", "1",
+            "--memory_log_interval", "1"]
+    assert run_cli(train_modular.main, argv) == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "✅ Stage stage3 training completed!" in text
+    assert "⚠️" not in text and "warning" not in text.lower(), text
+    assert [r for r in caplog.records if r.levelno >= 30] == []
+    memory = read_metrics(tmp_path / "metrics.jsonl", type="memory")
+    assert len(memory) == 12 and all(math.isfinite(r["all/h_max"]) for r in memory)

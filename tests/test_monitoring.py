@@ -297,3 +297,58 @@ def test_corrupt_checkpoint_breaks_loading_but_keeps_the_name(tmp_path):
     assert path.exists() and path.stat().st_size < size
     with pytest.raises(UserError):
         load_checkpoint(path)
+
+
+# -- healthy runs are quiet, real trouble is not ----------------------------------------------------
+def test_memory_hook_defaults_accept_healthy_states_and_flag_exploded_dead_or_nan_ones(caplog):
+    model = tiny_model()
+    _, states = model(torch.randint(0, 300, (2, 64)), return_memory=True)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        MemoryNormHook()(states, step=1)
+    assert caplog.records == []
+    # exploded (M is ~0.05 in this toy model, ~0.4-2 in the 100M one), dead, NaN
+    for name, change in (("h", lambda t: t * 1e4), ("M", lambda t: t * 1e6), ("h", lambda t: t * 0.0),
+                         ("M", lambda t: t * float("nan"))):
+        bad = {e: [dict(layer) for layer in layers] for e, layers in states.items()}
+        bad["code"][1][name] = change(bad["code"][1][name])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            MemoryNormHook()(bad, step=2)
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and f"code/layer_1/{name}" in warnings[0], (name, warnings)
+
+
+@pytest.mark.slow
+def test_the_100m_model_at_step_1_gives_no_warning(caplog):
+    """Issue 26: at initialisation the 100M model's memory norms (Frobenius ~130 h, ~180 M) were
+    above the limit, and every run opened with "Large gradient norm 18-25 at step 1"."""
+    from mm_rec.model import MMRecConfig
+    from mm_rec.utils.monitoring import GradNormWatch
+    torch.manual_seed(1337)
+    model = MMRec100M(config=MMRecConfig())
+    ids = torch.randint(0, 32000, (1, 33))
+    loss, states = model.loss(ids[:, :-1], ids[:, 1:], return_memory=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+    old_scale = max(s["h"].detach().norm(dim=-1).mean().item() for layers in states.values() for s in layers)
+    assert old_scale > 10 and grad_norm > 10  # what the old checks (limits 100 and 10) warned on, or near it
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        norms = MemoryNormHook()(states, step=1)
+        assert GradNormWatch().check(grad_norm, step=1) is None
+        assert StabilityMonitor().check_outputs({"loss": loss, "grad_norm": grad_norm}, 1)
+    assert caplog.records == []
+    assert 0.1 < norms["all/h_mean"] < 20 and 0.1 < norms["all/M_mean"] < 20  # order one, as the guide says
+
+
+def test_grad_norm_watch_warns_on_spikes_not_on_high_or_falling_norms(caplog):
+    from mm_rec.utils.monitoring import GradNormWatch
+    watch = GradNormWatch()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        # the 100M model's opening: large norms that fall as it learns
+        assert all(watch.check(25.0 - 0.2 * s, s) is None for s in range(1, 80))
+        assert watch.check(float("nan"), 80) is None  # the stability monitor's to report
+        assert watch.check(9.0 * watch.typical(), 81) is None
+        spike = watch.check(1000.0, 82)
+        assert spike and "step 82" in spike and "median" in spike
+        assert watch.check(1000.0, 90) is None  # one warning per 50 steps
+    assert [r.getMessage() for r in caplog.records] == [spike]
