@@ -21,13 +21,16 @@ The formula, in bytes, for one process:
 per_layer and per_token were fitted to the bytes of the tensors autograd saves (counted with
 torch.autograd.graph.saved_tensors_hooks) for four small configurations (expert_dim 64/128, ffn
 256-1024, 2-4 layers); the fit predicts the 100M model's measured 1.49 MB per token (one expert,
-128 tokens) within 2% and its 153 KB with checkpointing. The saved tensors must all be alive at
-the end of the forward pass, so BASE + 16 P + 0.9 x activations (0.9: the fit's spread) is a floor. The peak resident memory of
-a CPU step measured 1.24-1.46 times the activations above the rest (allocator caching,
-temporaries), hence OVERHEAD = 1.5 for the estimate.
+128 tokens) within 2% and its 153 KB with checkpointing. The peak resident memory of a CPU step
+(forward, backward, AdamW) measured 1.24-1.46 times these bytes above the rest (allocator caching,
+temporaries; four configurations, with and without checkpointing), hence OVERHEAD = 1.5 for the
+estimate and FLOOR_OVERHEAD = 1.2, below every measured step, for the floor: a stage whose floor
+exceeds all the memory there is (free RAM and swap) is refused, one whose estimate exceeds the
+free memory gets a warning.
 
 Under bf16/fp16 autocast on CUDA, saved tensors are 2 or 4 bytes each: the floor takes half the
-fp32 activations and the estimate 0.75 of them (not calibrated on a GPU).
+fp32 activations and the estimate 0.75 of them. This is not calibrated on a GPU, so on CUDA the
+trainer only warns, never refuses.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 
 BASE = 400 << 20          # the Python process with torch loaded (CPU RSS measured ~400 MB)
 OVERHEAD = 1.5
+FLOOR_OVERHEAD = 1.2
 HEAD_CHUNK = 4096
 GB = 1 << 30
 
@@ -62,19 +66,21 @@ def estimate_step_memory(model_config, num_params: int, batch_size: int, seq_len
     head = 12 * min(HEAD_CHUNK, tokens) * model_config.vocab_size
     fixed = BASE + 16 * num_params
     floor_factor, typical_factor = (0.5, 0.75) if half_precision else (1.0, 1.0)
-    floor = fixed + int(0.9 * floor_factor * saved)  # 0.9: the fit's spread, so the floor stays one
+    floor = fixed + head + int(FLOOR_OVERHEAD * floor_factor * saved)
     typical = fixed + head + int(OVERHEAD * typical_factor * saved)
     return MemoryEstimate(floor, typical)
 
 
 def available_memory(device) -> tuple[int | None, int | None]:
-    """(bytes free now, bytes that could be had at most) on `device`: CUDA's free and total
-    memory; on the CPU MemAvailable and MemAvailable + SwapFree. (None, None) if unknown."""
+    """(bytes free now, bytes that could be had at most) on `device`. CUDA: free memory plus what
+    this process holds already (the model), and None for the most (the GPU estimate is not
+    calibrated, so it never refuses); CPU: MemAvailable and MemAvailable + SwapFree from
+    /proc/meminfo. (None, None) if unknown."""
     import torch
     if device.type == "cuda":  # what this process holds already (the model) counts as available
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_allocated(device)
-        return free, free
+        return free, None
     if device.type == "cpu":
         try:
             info = {}

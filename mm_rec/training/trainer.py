@@ -180,7 +180,8 @@ class Trainer:
         if available is None:
             return {}
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
-        available, most = available // local, most // local  # processes of one host share its RAM
+        available //= local  # processes of one host share its RAM
+        most = most // local if most is not None else None
         warnings = {}
         for name, _ in self.plan:
             spec = self.cfg.stage_spec(name)
