@@ -191,3 +191,19 @@ def test_a_healthy_tiny_run_prints_no_warning(data_dir, tmp_path, capsys, caplog
     assert [r for r in caplog.records if r.levelno >= 30] == []
     memory = read_metrics(tmp_path / "metrics.jsonl", type="memory")
     assert len(memory) == 12 and all(math.isfinite(r["all/h_max"]) for r in memory)
+
+
+def test_a_compiled_run_shows_the_first_steps_time_and_the_cpu_default_stays_eager(data_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from mm_rec.model import MMRec100M
+    compiled = []
+    monkeypatch.setattr(MMRec100M, "compile_blocks", lambda self, mode=None: compiled.append(mode))  # no real compile
+    train(data_dir, tmp_path / "c", "--stage", "stage1", "--max_steps", "2", "--eval_interval", "0", "--compile")
+    out = capsys.readouterr().out
+    assert compiled == [None]
+    assert len([l for l in out.splitlines() if l.startswith("first step of stage1: ")]) == 1
+    assert "(compiling; later steps are faster)" in out
+    train(data_dir, tmp_path / "e", "--stage", "stage1", "--max_steps", "2", "--eval_interval", "0")
+    assert compiled == [None] and "first step" not in capsys.readouterr().out
+    args = load_checkpoint(tmp_path / "e" / "checkpoint_stage1_step_2.pt")["train_args"]
+    assert args["compile"] is False and args["cuda_graph"] is False
