@@ -89,11 +89,12 @@ class TrainConfig:
                                            "(stage default: 500/1000/500)", int, group="output")
     eval_batches: int = _opt(8, "validation batches (of the global batch) per domain", int, group="output")
     early_stopping_patience: int = _opt(0, "end a stage after this many evaluations in a row without the "
-                                           "validation loss improving by --early_stopping_min_delta; the next "
-                                           "stage starts from the stage's best checkpoint (0: off)", int,
+                                           "mean validation loss improving by --early_stopping_min_delta; the "
+                                           "next stage starts from the stage's best checkpoint, "
+                                           "CHECKPOINT_DIR/checkpoint_STAGE_best.pt (0: off, the default)", int,
                                         group="output")
-    early_stopping_min_delta: float = _opt(0.01, "improvement (nats/token) of the validation loss that counts "
-                                                 "for --early_stopping_patience and the best checkpoint", float,
+    early_stopping_min_delta: float = _opt(0.01, "improvement (nats/token) of the mean validation loss over "
+                                                 "the best so far that resets --early_stopping_patience", float,
                                            group="output")
     memory_log_interval: int | None = _opt(None, "log memory-state norms every N steps "
                                                  "(default 100; tiny: 10; 0 disables)", int, group="output")
@@ -160,7 +161,7 @@ class TrainConfig:
         for name in ("warmup_steps", "keep_last", "eval_interval", "weight_decay", "memory_log_interval",
                      "early_stopping_patience", "early_stopping_min_delta"):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if value is not None and not value >= 0:  # NaN too
                 raise UserError(f"--{name} must be zero or positive (got {value})")
         if self.overwrite and self.resume_from is not None:
             raise UserError("--overwrite starts a new run and --resume_from continues one; pick one")

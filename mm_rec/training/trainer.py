@@ -187,7 +187,7 @@ class Trainer:
             spec = self.cfg.stage_spec(name)
             estimate = lambda **kw: estimate_step_memory(
                 self.model_config, self.model.get_num_params(), experts=1 if spec.data == "alternate" else 2,
-                half_precision=self.autocast_dtype_for_estimate, **kw)
+                half_precision=self._half_precision_activations, **kw)
             refusal, warning = memory_verdict(estimate, available, most, name, spec.batch_size, spec.seq_len,
                                               self.cfg.gradient_checkpointing)
             if refusal:
@@ -197,7 +197,7 @@ class Trainer:
         return warnings
 
     @property
-    def autocast_dtype_for_estimate(self) -> bool:
+    def _half_precision_activations(self) -> bool:  # autocast on CUDA: the memory estimate's bf16/fp16 case
         return self.precision != "fp32" and self.device.type == "cuda"
 
     def _eval_tokens(self, spec: StageSpec) -> int:
