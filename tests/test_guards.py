@@ -207,3 +207,15 @@ def test_a_compiled_run_shows_the_first_steps_time_and_the_cpu_default_stays_eag
     assert compiled == [None] and "first step" not in capsys.readouterr().out
     args = load_checkpoint(tmp_path / "e" / "checkpoint_stage1_step_2.pt")["train_args"]
     assert args["compile"] is False and args["cuda_graph"] is False
+
+
+def test_bad_heldout_and_early_stopping_flags_are_one_line(tmp_path, capsys):
+    missing = str(tmp_path / "nope.txt")
+    for args, expected in ((["--heldout_text", missing], f"--heldout_text {missing} does not exist"),
+                           (["--synthetic", "--heldout_code", __file__], "--synthetic has none"),
+                           (["--early_stopping_patience", "-1"], "--early_stopping_patience must be zero or positive"),
+                           (["--early_stopping_min_delta", "nan"], "must be zero or positive (got nan)")):
+        assert run_cli(train_modular.main, ["--checkpoint_dir", str(tmp_path / "run"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -154,8 +154,9 @@ class Trainer:
         self.grad_watch = GradNormWatch()
         self.best: guards.BestTracker | None = None  # per stage, set in train_stage
         heldout_budget = max(self._eval_tokens(cfg.stage_spec(name)) for name, _ in self.plan) if self.plan else 0
-        self.heldout = (HeldoutSet.from_files(self.tokenizer, {"text": cfg.heldout_text, "code": cfg.heldout_code},
-                                              heldout_budget) if self.is_main else None)
+        # Read on rank 0, which alone scores them; a bad file stops every rank with the same line.
+        self.heldout = self._on_main(lambda: HeldoutSet.from_files(
+            self.tokenizer, {"text": cfg.heldout_text, "code": cfg.heldout_code}, heldout_budget))
         if self.is_main and self.tokenizer is not None:
             self.tokenizer.save(self.ckpt_dir / "tokenizer.json")
 
