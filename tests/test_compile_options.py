@@ -47,3 +47,40 @@ def test_compile_fn_computes_what_the_function_computes():
     fn = lambda x: torch.sigmoid(x) * x + x.sum(-1, keepdim=True)
     x = torch.randn(3, 5)
     torch.testing.assert_close(compile_settings.compile_fn(fn, fullgraph=True)(x), fn(x))
+
+
+# -- fast by default on CUDA (train_modular) ---------------------------------------------------------
+from mm_rec.training.config import parse_args, resolve_speed  # noqa: E402
+from mm_rec.utils.errors import UserError  # noqa: E402
+
+
+def speed(argv=(), device="cuda", world=1, precision="bf16", dropout=0.0, triton=True):
+    s = resolve_speed(parse_args(list(argv)), device, world, precision, dropout, has_triton=triton)
+    return s.compile, s.cuda_graph, s.note
+
+
+def test_cuda_compiles_and_captures_by_default_the_cpu_does_not():
+    assert speed() == (True, True, None)
+    assert speed(device="cpu", precision="fp32") == (False, False, None)
+    assert speed(["--compile", "--cuda_graph"], device="cpu")[:2] == (True, True)  # given flags win (refused later)
+    assert speed(["--no_compile"]) == (False, True, None)
+    assert speed(["--no_cuda_graph"]) == (True, False, None)
+    assert speed(["--no_compile", "--no_cuda_graph"]) == (False, False, None)
+
+
+@pytest.mark.parametrize("case, why", [(dict(world=4), "torchrun"), (dict(precision="fp16"), "fp16"),
+                                       (dict(argv=["--gradient_checkpointing"], dropout=0.1), "dropout")])
+def test_a_default_that_cannot_apply_falls_back_with_one_note(case, why):
+    compile_, graph, note = speed(**case)
+    assert compile_ and not graph
+    assert why in note and note.startswith("note:") and "\n" not in note
+    assert speed(**case, triton=False)[0] is False  # no Triton: no torch.compile either
+    if "argv" not in case:
+        assert speed(argv=["--cuda_graph"], **case)[1] is True  # asked for: _check_graphable's error says why
+
+
+def test_on_and_off_together_are_refused():
+    with pytest.raises(UserError, match="--compile and --no_compile"):
+        parse_args(["--compile", "--no_compile"])
+    with pytest.raises(UserError, match="--cuda_graph and --no_cuda_graph"):
+        parse_args(["--cuda_graph", "--no_cuda_graph"])

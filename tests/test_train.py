@@ -337,7 +337,8 @@ def test_keep_last_prunes_older_mid_stage_checkpoints(data_dir, tmp_path):
     train(data_dir, tmp_path, "--stage", "stage1", "--max_steps", "5", "--checkpoint_interval", "1",
           "--eval_interval", "0", "--keep_last", "2")
     names = sorted(p.name for p in tmp_path.glob("checkpoint_*.pt"))
-    assert names == ["checkpoint_stage1_step_4.pt", "checkpoint_stage1_step_5.pt"]
+    # the stage's best checkpoint (its only evaluation, at the end) is kept apart from the pruned ones
+    assert names == ["checkpoint_stage1_best.pt", "checkpoint_stage1_step_4.pt", "checkpoint_stage1_step_5.pt"]
 
 
 
@@ -362,7 +363,8 @@ def test_overwrite_starts_a_clean_run_and_moves_the_old_one_aside(data_dir, tmp_
     assert _files(aside) == old
     # the new run's directory holds the new run only: its log, each step once; its checkpoints
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
-    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_stage1_step_4.pt"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_stage1_best.pt",
+                                                                         "checkpoint_stage1_step_4.pt"]
     assert load_checkpoint(tmp_path / "checkpoint_stage1_step_4.pt")["train_args"]["seed"] == 7
     assert len(list((tmp_path / "tensorboard").iterdir())) == 1  # the new run's own events
 

@@ -65,7 +65,8 @@ def trained(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained")
     assert run_cli(train_modular.main, argv(data_dir, out, "--stage", "stage1", "--max_steps", "2",
                                             "--checkpoint_interval", "1", "--eval_interval", "0")) == 0
-    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_stage1_step_1.pt",
+    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_stage1_best.pt",
+                                                                     "checkpoint_stage1_step_1.pt",
                                                                      "checkpoint_stage1_step_2.pt"]
     return out
 

@@ -33,6 +33,11 @@ def _flag(help="", group="training"):
     return field(default=False, metadata=dict(help=help, type=bool, choices=None, group=group))
 
 
+def _files(help="", group="data"):
+    """A flag taking one or more paths (`--heldout_text a.txt b/`); a list in a config file."""
+    return field(default=None, metadata=dict(help=help, type=str, choices=None, group=group, nargs="+"))
+
+
 @dataclass
 class TrainConfig:
     # -- what to run ---------------------------------------------------------------------------
@@ -65,6 +70,10 @@ class TrainConfig:
     data_dir: str | None = _opt(None, "a prepare_data output directory (default: the bundled corpus)",
                                 str, group="data")
     synthetic: bool = _flag("train on uniform random tokens (the guide's quick test)", "data")
+    heldout_text: list | None = _files("text files or directories never trained on, scored at each evaluation "
+                                       "beside the validation split (logged as heldout_loss_text)")
+    heldout_code: list | None = _files("code files or directories never trained on, scored at each evaluation "
+                                       "(logged as heldout_loss_code)")
     # -- checkpoints and logs ----------------------------------------------------------------------
     checkpoint_dir: str = _opt("./checkpoints", "where checkpoints, metrics.jsonl and plots go; a new run "
                                                 "(no --resume_from) refuses a directory that already holds one "
@@ -79,6 +88,14 @@ class TrainConfig:
     eval_interval: int | None = _opt(None, "validate every N steps, 0 only at a stage's end "
                                            "(stage default: 500/1000/500)", int, group="output")
     eval_batches: int = _opt(8, "validation batches (of the global batch) per domain", int, group="output")
+    early_stopping_patience: int = _opt(0, "end a stage after this many evaluations in a row without the "
+                                           "mean validation loss improving by --early_stopping_min_delta; the "
+                                           "next stage starts from the stage's best checkpoint, "
+                                           "CHECKPOINT_DIR/checkpoint_STAGE_best.pt (0: off, the default)", int,
+                                        group="output")
+    early_stopping_min_delta: float = _opt(0.01, "improvement (nats/token) of the mean validation loss over "
+                                                 "the best so far that resets --early_stopping_patience", float,
+                                           group="output")
     memory_log_interval: int | None = _opt(None, "log memory-state norms every N steps "
                                                  "(default 100; tiny: 10; 0 disables)", int, group="output")
     profile_step: int | None = _opt(None, "profile steps N..N+2 of each stage with torch.profiler: a Chrome "
@@ -92,7 +109,8 @@ class TrainConfig:
     precision: str | None = _opt(None, "fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)", str,
                                  PRECISIONS, "hardware")
     gradient_checkpointing: bool = _flag("recompute activations in the backward pass", "hardware")
-    compile: bool = _flag("torch.compile the model", "hardware")
+    compile: bool = _flag("torch.compile the model (the default on CUDA; --no_compile turns it off)", "hardware")
+    no_compile: bool = _flag("run eagerly: no torch.compile (the default on the CPU)", "hardware")
     compile_mode: str = _opt("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs: "
                              "fewer launches, best for short sequences) or max-autotune", str,
                              COMPILE_MODES, "hardware")
@@ -101,7 +119,9 @@ class TrainConfig:
                               str, COMPILE_SCOPES, "hardware")
     cuda_graph: bool = _flag("capture the whole training step (forward, backward, clipping, AdamW) as one CUDA "
                              "graph and replay it: no host work per kernel, best for short sequences "
-                             "(CUDA, one process, bf16 or fp32; with --compile its parts run inside it)", "hardware")
+                             "(CUDA, one process, bf16 or fp32; with --compile its parts run inside it). The default "
+                             "on CUDA where the step can be captured; --no_cuda_graph turns it off", "hardware")
+    no_cuda_graph: bool = _flag("do not capture the step as a CUDA graph", "hardware")
 
     # ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -138,12 +158,23 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"--{name} must be positive (got {value})")
-        for name in ("warmup_steps", "keep_last", "eval_interval", "weight_decay", "memory_log_interval"):
+        for name in ("warmup_steps", "keep_last", "eval_interval", "weight_decay", "memory_log_interval",
+                     "early_stopping_patience", "early_stopping_min_delta"):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if value is not None and not value >= 0:  # NaN too
                 raise UserError(f"--{name} must be zero or positive (got {value})")
         if self.overwrite and self.resume_from is not None:
             raise UserError("--overwrite starts a new run and --resume_from continues one; pick one")
+        for on, off in (("compile", "no_compile"), ("cuda_graph", "no_cuda_graph")):
+            if getattr(self, on) and getattr(self, off):
+                raise UserError(f"--{on} and --{off} exclude each other; pick one")
+        if self.synthetic and (self.heldout_text or self.heldout_code):
+            raise UserError("--heldout_text/--heldout_code need a tokenizer, which --synthetic has none of; "
+                            "drop them or train on real data")
+        for name in ("heldout_text", "heldout_code"):
+            for path in getattr(self, name) or []:
+                if not Path(path).exists():
+                    raise UserError(f"--{name} {path} does not exist; give existing files or directories")
         if self.data_dir is not None and self.synthetic:
             raise UserError("--data_dir and --synthetic exclude each other; pick one")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
@@ -151,6 +182,50 @@ class TrainConfig:
                             f"create one with python -m mm_rec.scripts.prepare_data")
         self.model_config()  # raises on inconsistent sizes (e.g. expert_dim not divisible by num_heads)
         return self
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """Whether the run compiles and captures its step, and why a default was left off (a note)."""
+    compile: bool
+    cuda_graph: bool
+    note: str | None = None
+
+
+def resolve_speed(cfg: TrainConfig, device_type: str, world_size: int, precision: str, dropout: float,
+                  has_triton: bool = True) -> SpeedSettings:
+    """--compile and --cuda_graph as the run will use them.
+
+    Given flags win (an impossible --cuda_graph is refused later, with its reason). Without them,
+    CUDA compiles and captures the step, the fast path measured in benchmarks/RESULTS.md; the CPU
+    runs eagerly (compiling costs more there than it saves on a short run). A default that cannot
+    apply (no Triton, torchrun, fp16's host-side loss scaling, dropout recomputed under
+    --gradient_checkpointing) falls back to the slower path with a note, so that no command
+    that is valid as typed fails because of a default.
+    """
+    cuda = device_type == "cuda"
+    notes = []
+    if cfg.compile or cfg.no_compile:
+        compile_ = cfg.compile
+    elif cuda and not has_triton:
+        compile_ = False
+        notes.append("no torch.compile (Triton is not installed: pip install triton)")
+    else:
+        compile_ = cuda
+    if cfg.cuda_graph or cfg.no_cuda_graph:
+        cuda_graph = cfg.cuda_graph
+    elif not cuda:
+        cuda_graph = False
+    else:
+        why = ("it runs in one process (torchrun here)" if world_size > 1 else
+               "fp16's loss scaling decides on the host" if precision == "fp16" else
+               "dropout recomputed by --gradient_checkpointing needs the RNG state"
+               if dropout > 0 and cfg.gradient_checkpointing else None)
+        cuda_graph = why is None
+        if why:
+            notes.append(f"the step is not captured as a CUDA graph ({why})")
+    note = ("note: " + "; ".join(notes) + " - training runs slower, nothing else changes") if notes else None
+    return SpeedSettings(compile_, cuda_graph, note)
 
 
 def _bool_value(name, value):
@@ -170,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         if meta["type"] is bool:
             group.add_argument(f"--{f.name}", action="store_true", help=meta["help"])
+        elif meta.get("nargs"):
+            group.add_argument(f"--{f.name}", nargs=meta["nargs"], metavar="PATH", help=meta["help"])
         else:
             group.add_argument(f"--{f.name}", type=meta["type"], choices=meta["choices"],
                                metavar=f.name.upper() if meta["choices"] is None else None,
@@ -199,6 +276,11 @@ def load_config_file(path: str) -> dict:
         meta = fields[name].metadata
         if meta["type"] is bool:
             value = _bool_value(name, value)
+        elif meta.get("nargs") and value is not None:
+            values_list = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, str) for v in values_list):
+                raise UserError(f"config file {path}: {name} must be a path or a list of paths")
+            value = values_list
         elif value is not None:
             try:
                 value = meta["type"](value)
@@ -223,4 +305,4 @@ def config_from_dict(d: dict) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in d.items() if k in known})
 
 
-__all__ = ["TrainConfig", "build_parser", "parse_args", "load_config_file", "config_from_dict"]
+__all__ = ["TrainConfig", "SpeedSettings", "resolve_speed", "build_parser", "parse_args", "load_config_file", "config_from_dict"]

@@ -2,24 +2,32 @@
 
 `evaluate_loss` is a pure function of its arguments (the model's weights, the data's validation
 split and the batch shape), so any tool that calls it with the same arguments gets the same value.
+Both functions score through `model.loss`, which runs the LM head and the cross-entropy
+`head_chunk` tokens at a time: evaluation never holds the [B, T, vocab] logits (at Stage 2's
+2 x 8192 tokens and vocab 32000, 2 GB in fp32).
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
-import torch.nn.functional as F
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
 def evaluate_loss(model, data, domain: str, expert_type: str | None, batch_size: int, seq_len: int,
                   max_batches: int | None = None, device=None, autocast_dtype: torch.dtype | None = None,
-                  chunk_size: int | None = None, rank: int = 0, world_size: int = 1) -> float:
+                  chunk_size: int | None = None, rank: int = 0, world_size: int = 1,
+                  head_chunk: int = 4096) -> float:
     """Mean token cross-entropy (nats) of `model` on `data`'s validation split of `domain`.
 
-    Sums the per-token losses in fp32 over data.iter_eval_batches(domain, batch_size, seq_len,
-    max_batches) and divides by the token count. The model runs in eval mode under no_grad (and
-    autocast to `autocast_dtype` if given); its training mode is restored afterwards.
+    Sums the per-token losses (model.loss's fp32 mean times the batch's tokens, accumulated in
+    fp64) over data.iter_eval_batches(domain, batch_size, seq_len, max_batches) and divides by the
+    token count. The model runs in eval mode under no_grad (and autocast to `autocast_dtype` if
+    given); its training mode is restored afterwards.
 
     With world_size > 1 (every rank calls it) rank r scores batches r, r + world_size, ... and the
     sums are all-reduced, so all ranks return the loss over the same consecutive windows one
@@ -33,12 +41,9 @@ def evaluate_loss(model, data, domain: str, expert_type: str | None, batch_size:
         for x, y in data.iter_eval_batches(domain, batch_size, seq_len, max_batches, rank=rank,
                                            world_size=world_size):
             x, y = x.to(device), y.to(device)
-            ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                   else contextlib.nullcontext())
-            with ctx:
-                logits = model(x, expert_type=expert_type, chunk_size=chunk_size)
-            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            total += losses.double()
+            with _autocast(device, autocast_dtype):
+                loss = model.loss(x, y, expert_type=expert_type, chunk_size=chunk_size, head_chunk=head_chunk)
+            total += loss.double() * y.numel()
             count += y.numel()
     finally:
         model.train(was_training)
@@ -50,3 +55,28 @@ def evaluate_loss(model, data, domain: str, expert_type: str | None, batch_size:
     if count == 0:
         return float("nan")
     return float(total.item() / count)
+
+
+@torch.no_grad()
+def stream_loss_chunked(model, tokens: torch.Tensor, expert_type: str | None, seq_len: int, device=None,
+                        autocast_dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                        head_chunk: int = 4096) -> tuple[float, int]:
+    """(summed cross-entropy in nats, tokens scored) of a 1-D token stream, predicting tokens[1:]
+    `seq_len` tokens at a time with the memory state carried across windows: every token is
+    scored with its whole left context, as `evaluate --text/--code FILE` scores files."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count, states = torch.zeros((), dtype=torch.float64, device=device), 0, None
+    try:
+        for start in range(0, tokens.numel() - 1, seq_len):
+            y = tokens[start + 1:start + 1 + seq_len].to(device)
+            x = tokens[start:start + y.numel()].to(device)
+            with _autocast(device, autocast_dtype):
+                loss, states = model.loss(x[None], y[None], expert_type=expert_type, memory_states=states,
+                                          chunk_size=chunk_size, return_memory=True, head_chunk=head_chunk)
+            total += loss.double() * y.numel()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    return float(total.item()), count

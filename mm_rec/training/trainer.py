@@ -36,9 +36,12 @@ from ..utils.device import resolve_device
 from . import distributed as D
 from .checkpoint import (STAGE_ORDER, CheckpointWriter, check_finite, checkpoint_name, load_checkpoint,
                          prune_checkpoints, remove_partial_saves, rng_state, set_rng_state)
-from .config import TrainConfig
+from .config import TrainConfig, resolve_speed
 from .data import open_training_data
 from .evaluation import evaluate_loss
+from . import guards
+from .heldout import HELDOUT_TYPE, HeldoutSet
+from .memory_estimate import available_memory, estimate_step_memory, memory_verdict
 from .metrics import METRICS_FILE, MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
@@ -51,8 +54,6 @@ from .step_graph import GraphedStep, inner_compile_mode
 
 RULE = "=" * 60
 NAN_INJECTION_ENV = "MMREC_INJECT_NAN_AT_STEP"
-GRAD_NORM_WARNING = 10.0
-GRAD_WARNING_EVERY = 50  # steps between two large-gradient warnings
 GRAPH_DEVICES = ("cuda",)  # where --cuda_graph captures (tests add "cpu": the same step, uncaptured)
 
 
@@ -110,6 +111,12 @@ class Trainer:
         # Checkpoints are written in the background (rank 0): the loop pays only the copy to host memory.
         self.checkpoints = CheckpointWriter()
         self.model_config: MMRecConfig = cfg.model_config()
+        # Fast by default on CUDA (compiled, the step captured as a CUDA graph), eager on the CPU.
+        speed = resolve_speed(cfg, self.device.type, self.dist.world_size, self.precision,
+                              self.model_config.dropout, has_triton=_has_triton())
+        cfg.compile, cfg.cuda_graph = speed.compile, speed.cuda_graph
+        if speed.note:
+            self.print(speed.note)
         if cfg.cuda_graph:
             self._check_graphable()
         # Checked on rank 0 before anything is written; every rank stops with the same line.
@@ -133,6 +140,8 @@ class Trainer:
         if self.resume_state is not None:
             self.model.load_state_dict(self.resume_state["model_state_dict"])
         D.broadcast_parameters(self.model)
+        # Refused here, before any log is written, when a stage surely cannot fit in memory.
+        self._memory_warnings = self._on_main(self._check_memory) or {}
         # The step's loss: model.loss runs the LM head and cross-entropy in chunks, never holding
         # the [B, T, vocab] logits (recomputed in backward). --compile compiles by default the
         # layer, not the whole model: one graph for every layer of both experts, so compilation
@@ -159,7 +168,13 @@ class Trainer:
         self.hooks = create_monitoring_hooks(self.model, checkpoint_dir=self.ckpt_dir)
         self.lr_scale = 1.0  # set per stage in train_stage
         self._nan_injected = False
-        self._last_grad_warning = -GRAD_WARNING_EVERY
+        from ..utils.monitoring import GradNormWatch
+        self.grad_watch = GradNormWatch()
+        self.best: guards.BestTracker | None = None  # per stage, set in train_stage
+        heldout_budget = max(self._eval_tokens(cfg.stage_spec(name)) for name, _ in self.plan) if self.plan else 0
+        # Read on rank 0, which alone scores them; a bad file stops every rank with the same line.
+        self.heldout = self._on_main(lambda: HeldoutSet.from_files(
+            self.tokenizer, {"text": cfg.heldout_text, "code": cfg.heldout_code}, heldout_budget))
         if self.is_main and self.tokenizer is not None:  # atomic: a full disk leaves no truncated copy
             atomic_write_text(self.ckpt_dir / "tokenizer.json", self.tokenizer.to_json(), "write the tokenizer to")
         self.lock.publish_pid()  # committed to train here: a second trainer is told who holds the directory
@@ -177,6 +192,37 @@ class Trainer:
         if self.model_config.dropout > 0 and cfg.gradient_checkpointing:
             raise UserError("--cuda_graph with --gradient_checkpointing needs dropout 0 "
                             "(recomputing dropout would need the RNG state, which a graph cannot read)")
+
+    def _check_memory(self) -> dict[str, str]:
+        """Each planned stage's memory estimate against the device's free memory: a UserError
+        when one surely cannot fit, else {stage: warning line} for those that may not."""
+        available, most = available_memory(self.device)
+        if available is None:
+            return {}
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
+        available //= local  # processes of one host share its RAM
+        most = most // local if most is not None else None
+        warnings = {}
+        for name, _ in self.plan:
+            spec = self.cfg.stage_spec(name)
+            estimate = lambda **kw: estimate_step_memory(
+                self.model_config, self.model.get_num_params(), experts=1 if spec.data == "alternate" else 2,
+                half_precision=self._half_precision_activations, **kw)
+            refusal, warning = memory_verdict(estimate, available, most, name, spec.batch_size, spec.seq_len,
+                                              self.cfg.gradient_checkpointing)
+            if refusal:
+                raise UserError(refusal)
+            if warning:
+                warnings[name] = warning
+        return warnings
+
+    @property
+    def _half_precision_activations(self) -> bool:  # autocast on CUDA: the memory estimate's bf16/fp16 case
+        return self.precision != "fp32" and self.device.type == "cuda"
+
+    def _eval_tokens(self, spec: StageSpec) -> int:
+        """Tokens one evaluation scores per domain: eval_batches global batches of seq_len."""
+        return self.cfg.eval_batches * spec.batch_size * self.dist.world_size * spec.seq_len
 
     def _check_output_dir(self) -> None:
         """Take the directory's lock (a second trainer there is refused before it reads, moves or
@@ -305,6 +351,9 @@ class Trainer:
             _warn_schedule_change(self, resume, spec)
 
         self.print(f"\nStage: {spec.title}\nDescription: {spec.description}\n{RULE}\n")
+        self._report_stage_data(spec)
+        self.best = guards.BestTracker(spec.name, cfg.early_stopping_patience, cfg.early_stopping_min_delta,
+                                       state=(resume or {}).get("best_tracker"))
         bar = tqdm(total=spec.max_steps, initial=start_step - 1, desc=f"Stage {spec.name}",
                    disable=not self.is_main, dynamic_ncols=True)
         losses: list[float] = []
@@ -323,7 +372,7 @@ class Trainer:
         if cfg.profile_step is not None and not start_step <= cfg.profile_step <= spec.max_steps:
             self.print(f"note: --profile_step {cfg.profile_step} is outside this stage's steps "
                        f"{start_step}-{spec.max_steps}: nothing profiled")
-        step = start_step
+        step = self._first_step = start_step
         try:
             while step <= spec.max_steps:
                 self.checkpoints.check()  # a background write that failed stops the run here
@@ -365,10 +414,16 @@ class Trainer:
                     graphed = new_graphs(optimizer)
                     continue
                 val = self._evaluate(spec, step) if evaluate else None
-                if save:
-                    self._save(spec, step, record.values()[0], optimizer, scheduler, completed=last, val_losses=val)
+                verdict = self.best.update(step, val) if val is not None else None
+                best = verdict is not None and verdict.improved
+                if save or best:  # a new best is saved at its step (and kept as checkpoint_{stage}_best.pt)
+                    self._save(spec, step, record.values()[0], optimizer, scheduler, completed=last, val_losses=val,
+                               best=best)
                 if self._interrupted():
                     self._stop_interrupted(spec, step)
+                if verdict is not None and verdict.stop and not last:
+                    self._stop_early(spec, step, record.values()[0], optimizer, scheduler)
+                    break
                 step += 1
         finally:  # closed before any error line, so that line is the last one printed
             profiler.finish()
@@ -380,7 +435,11 @@ class Trainer:
             bar.close()
         self.checkpoints.wait()  # the stage's last checkpoint is on disk before it is called complete
         if self.is_main:
-            self.log.plot_stage(spec.name)
+            if self.heldout is not None:  # the plot with the held-out curves beside the others
+                from .heldout import plot_stage
+                plot_stage(self.log.path, spec.name, self.ckpt_dir / f"loss_{spec.name}.png")
+            else:
+                self.log.plot_stage(spec.name)
         self.print(f"✅ Stage {spec.name} training completed!")
 
     def _interrupted(self) -> bool:
@@ -392,6 +451,37 @@ class Trainer:
         shown = _display(self.ckpt_dir / checkpoint_name(spec.name, step))
         raise TrainingInterrupted(f"interrupted: {spec.name} step {step} is saved in {shown}; continue with the same "
                                   f"flags (less --overwrite) and --resume_from {shlex.quote(shown)}")
+
+    def _report_stage_data(self, spec: StageSpec) -> None:
+        """The tokens the stage consumes against those the data holds (guards.py), and the
+        stage's memory warning if it has one."""
+        if self._memory_warnings.get(spec.name):
+            self.print(self._memory_warnings[spec.name])
+        num_tokens = getattr(self.data, "num_tokens", None)
+        if num_tokens is None:  # synthetic tokens never repeat
+            return
+        held = {domain: num_tokens(domain, "train") for domain in ("text", "code")}
+        uses = guards.stage_data_use(spec, spec.batch_size * self.dist.world_size, self.cfg.grad_accum_steps, held)
+        for line in guards.epochs_report(spec.name, uses, spec.max_steps):
+            self.print(line)
+        if self.is_main:
+            self.log.log_event("data", spec.name, 0, **{f"epochs_{u.domain}": u.epochs for u in uses},
+                               **{f"tokens_{u.domain}": u.consumed for u in uses})
+
+    def _stop_early(self, spec: StageSpec, step: int, loss: float, optimizer, scheduler) -> None:
+        """Early stopping: the best weights back in the model, saved as the stage's final (completed)
+        checkpoint at this step, from which the next stage starts."""
+        best = self.best
+        self.checkpoints.wait()  # the best checkpoint is on disk
+        D.barrier()
+        path = self.ckpt_dir / guards.best_checkpoint_name(spec.name)
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model_state_dict"])
+        self.print(f"⏹️ Early stopping: {self.cfg.early_stopping_patience} evaluations without the validation loss "
+                   f"improving by {self.cfg.early_stopping_min_delta:g}; {spec.name} ends at step {step} with the "
+                   f"best weights (step {best.best_step}, mean val loss {best.best:.4f}, {_display(path)})")
+        self.log.log_event("early_stop", spec.name, step, best_step=best.best_step, best_val=best.best)
+        self._save(spec, step, loss, optimizer, scheduler, completed=True, val_losses=state.get("val_losses"))
 
     def _check(self, record: "_StepRecord") -> bool:
         """The stability monitor's verdict on a step's loss and gradient norm (reads them back)."""
@@ -414,10 +504,10 @@ class Trainer:
                            step_time_s=seconds, lr_scale=self.lr_scale, expert=expert)
         if record.memory:
             self.log.log_memory(spec.name, step, record.memory)
-        if gn > GRAD_NORM_WARNING and step - self._last_grad_warning >= GRAD_WARNING_EVERY:
-            self._last_grad_warning = step
-            self.print(f"⚠️ Large gradient norm {gn:.1f} at step {step} (> {GRAD_NORM_WARNING:g}; "
-                       f"clipped to {cfg.gradient_clip_norm:g})")
+        self.grad_watch.check(gn, step)  # a spike far above the recent norms: a warning line
+        if step == self._first_step and (cfg.compile or cfg.cuda_graph):
+            self.print(f"first step of {spec.name}: {seconds:.1f} s (compiling"
+                       f"{' and capturing the CUDA graph' if cfg.cuda_graph else ''}; later steps are faster)")
         bar.set_postfix({"loss": f"{loss:.4f}", "avg_loss": f"{sum(losses) / len(losses):.4f}",
                          "lr": f"{record.lr:.2e}", "tok/s": f"{tok_s:,.0f}"}, refresh=False)
         bar.update(1)
@@ -589,13 +679,19 @@ class Trainer:
                                         rank=self.dist.rank, world_size=world)
                   for domain, expert_type in spec.eval_plan()}
         if not self.is_main:
-            return None
+            return losses  # the same numbers on every rank (all-reduced): the best-checkpoint choice agrees
         self.log.log_eval(spec.name, step, losses)
-        self.print(f"📊 {spec.name} step {step}: " +
-                   ", ".join(f"val_loss_{d}={v:.4f}" for d, v in losses.items()))
+        shown = ", ".join(f"val_loss_{d}={v:.4f}" for d, v in losses.items())
+        if self.heldout is not None:
+            held = self.heldout.score(self.model, spec.eval_plan(), spec.seq_len, self._eval_tokens(spec),
+                                      self.device, self.autocast_dtype, self.cfg.chunk_size)
+            if held:
+                self.log.log_event(HELDOUT_TYPE, spec.name, step, **{f"heldout_loss_{d}": v for d, v in held.items()})
+                shown += ", " + ", ".join(f"heldout_loss_{d}={v:.4f}" for d, v in held.items())
+        self.print(f"📊 {spec.name} step {step}: {shown}")
         return losses
 
-    def _save(self, spec, step, loss, optimizer, scheduler, completed, val_losses=None) -> None:
+    def _save(self, spec, step, loss, optimizer, scheduler, completed, val_losses=None, best=False) -> None:
         D.barrier()
         path = self.ckpt_dir / checkpoint_name(spec.name, step)
         if self.is_main:
@@ -620,6 +716,7 @@ class Trainer:
                 "optimizer_param_names": optimizer_param_names(self.model, optimizer),
                 "val_losses": val_losses,
                 "tokenizer": None if self.tokenizer is None else self.tokenizer.to_json(),
+                "best_tracker": self.best.state_dict() if self.best is not None else None,
             }
             if self.scaler.is_enabled():
                 state["scaler_state_dict"] = self.scaler.state_dict()
@@ -627,12 +724,22 @@ class Trainer:
 
             def written(path):  # in the writer thread, once the file is complete
                 self.print(f"💾 Checkpoint saved: {_display(path)}")
+                if best:  # linked before pruning, so --keep_last cannot take it
+                    guards.keep_as_best(path, spec.name)
                 prune_checkpoints(self.ckpt_dir, spec.name, keep_last)
             self.checkpoints.save(state, path, written)
         D.barrier()
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+        return has_triton()
+    except ImportError:
+        return False
+
+
 def _check_writable(directory: Path) -> None:
     """Fail before training, not at the first checkpoint, when the directory cannot be written."""
     probe = directory / f".write_test_{os.getpid()}"

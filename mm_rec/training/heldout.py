@@ -1,0 +1,103 @@
+"""Held-out files scored at each evaluation (`train_modular --heldout_text/--heldout_code FILE...`).
+
+The validation split comes from the same sources as the training data; text and code the run has
+never seen from anywhere tell whether the model generalises or memorises (issue 20: the bundled
+corpus's validation loss looked fine while modern prose scored near uniform). The files are read
+and tokenized once, as `evaluate --text/--code` reads them (prepare_data's document splitting, an
+end-of-text token after each document), and each evaluation scores the first
+`eval_batches x global batch x seq_len` tokens of each domain (the validation split's budget) as
+one stream with the memory carried across `seq_len` windows: below that size, the number equals
+`python -m mm_rec.scripts.evaluate --checkpoint CKPT --text FILE --seq_len L` on the same weights.
+
+Rows go to metrics.jsonl as {"type": "heldout", "stage", "step", "heldout_loss_text", ...} and
+`plot_stage` draws them beside the training and validation losses in loss_{stage}.png.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..utils.errors import UserError
+from .evaluation import stream_loss_chunked
+from .metrics import read_metrics
+
+HELDOUT_TYPE = "heldout"
+
+
+class HeldoutSet:
+    """Token streams per domain ("text", "code"), each starting with an end-of-text token."""
+
+    def __init__(self, tokens: dict[str, torch.Tensor]):
+        self.tokens = tokens
+
+    @classmethod
+    def from_files(cls, tokenizer, files: dict[str, list[str] | None], max_tokens: int) -> "HeldoutSet | None":
+        """Tokenize the documents of `files` ({"text": [...], "code": [...]}) up to `max_tokens`
+        tokens per domain; None when no file is given."""
+        from ..inference.evaluation import read_documents, tokenize_documents
+        tokens = {}
+        for domain, paths in files.items():
+            if not paths:
+                continue
+            kept, chars = [], 0
+            # Documents until the budget is surely reached (BPE tokens average ~4 characters), so
+            # a large held-out file costs no more tokenizing than the budget.
+            for doc in read_documents(paths, domain):
+                kept.append(doc)
+                chars += len(doc)
+                if chars > 16 * max_tokens:
+                    break
+            ids, _ = tokenize_documents(tokenizer, kept)
+            if ids.numel() < 2:
+                raise UserError(f"--heldout_{domain} {' '.join(paths)} holds no {domain} to score")
+            tokens[domain] = ids[:max_tokens + 1]
+        return cls(tokens) if tokens else None
+
+    def score(self, model, plan: list[tuple[str, str | None]], seq_len: int, max_tokens: int, device,
+              autocast_dtype=None, chunk_size=None) -> dict[str, float]:
+        """{domain: mean loss} of each domain of `plan` ((domain, expert_type) pairs, as the
+        stage's validation) that has held-out tokens, over its first max_tokens tokens."""
+        out = {}
+        for domain, expert_type in plan:
+            if domain in self.tokens:
+                nats, count = stream_loss_chunked(model, self.tokens[domain][:max_tokens + 1], expert_type, seq_len,
+                                                  device, autocast_dtype, chunk_size)
+                out[domain] = nats / count
+        return out
+
+
+def plot_stage(metrics_path: Path, stage: str, out: Path) -> Path | None:
+    """loss_{stage}.png: training loss (and its moving mean), validation and held-out loss per domain."""
+    rows = [r for r in read_metrics(metrics_path, type=None) if r.get("stage") == stage]
+    train = {r["step"]: r["loss"] for r in rows if r["type"] == "train"}  # last write of a step wins
+    if not train:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = sorted(train)
+    ax.plot(steps, [train[s] for s in steps], lw=0.8, alpha=0.6, label="train loss")
+    if len(steps) >= 20:
+        k = max(5, len(steps) // 20)
+        window = lambda i: steps[max(0, i - k + 1):i + 1]
+        ax.plot(steps, [sum(train[s] for s in window(i)) / len(window(i)) for i in range(len(steps))],
+                lw=1.5, label=f"train loss (mean of {k})")
+    for kind, prefix, style in (("eval", "val_loss", "o-"), (HELDOUT_TYPE, "heldout_loss", "s--")):
+        for domain in ("text", "code"):
+            points = sorted((r["step"], r[f"{prefix}_{domain}"]) for r in rows
+                            if r["type"] == kind and f"{prefix}_{domain}" in r)
+            if points:
+                ax.plot([s for s, _ in points], [v for _, v in points], style,
+                        label=f"{'val' if kind == 'eval' else 'held-out'} loss ({domain})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"MM-Rec {stage}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
