@@ -53,6 +53,11 @@ def _datasets(what: str):
         raise UserError(f"{what} needs the Hugging Face datasets library: {INSTALL_HINT}") from None
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    try:  # the hub client logs every retry; the one-line error says it all
+        import huggingface_hub.utils.logging as hub_logging
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass
     return datasets
 
 

@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from mm_rec.data.sources import (DEFAULT_TXT_DOC_CHARS, SkipLog, Source, SourceStats, as_source,
                                  iter_documents, list_input_files)
-from mm_rec.data.tokenizer import Tokenizer, split_for_encoding, train_tokenizer, training_pieces
+from mm_rec.data.tokenizer import (MAX_PIECE_CHARS, Tokenizer, split_for_encoding, train_tokenizer,
+                                   training_pieces)
 from mm_rec.utils.errors import UserError
 from mm_rec.utils.fileio import atomic_write, atomic_write_text, check_writable_dir, disk_error
 
@@ -55,7 +56,9 @@ META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
 # The tokenizer learns its merges from at most this many characters of training text per domain.
 DEFAULT_TOKENIZER_TRAIN_CHARS = 200_000_000
-_ENCODE_BATCH_CHARS = 4 << 20   # text handed to encode_batch at a time (split over every core), by size...
+# Text handed to encode_batch at a time, split over every core: a piece per core at least, and
+# small enough that the tokenizer's ~180 bytes per token stay a few hundred MB at most.
+_ENCODE_BATCH_CHARS = min(4 << 20, max(1 << 20, (os.cpu_count() or 1) * MAX_PIECE_CHARS))
 _ENCODE_BATCH_PIECES = 1024     # ...and by count
 _TMP_PREFIX = ".prepare-tmp-"
 # With --max_tokens, the scan stops after this many bytes per wanted token: byte-level BPE gives
@@ -132,6 +135,15 @@ def prepare_data(text_sources: Iterable, code_sources: Iterable, out_dir, tokeni
         raise UserError("no sources given: pass --text and/or --code files or directories")
     _check_out_dir(out_dir)
     check_writable_dir(out_dir, "--out directory")  # a read-only or full disk: one line, before the long work
+    meta = _prepare(sources, out_dir, tokenizer_path, vocab_size, val_fraction, seed, txt_doc_chars,
+                    tokenizer_train_chars, max_tokens, recipe, verbose)
+    if verbose:
+        print(format_summary(meta, out_dir), file=sys.stderr)
+    return meta
+
+
+def _prepare(sources, out_dir, tokenizer_path, vocab_size, val_fraction, seed, txt_doc_chars,
+             tokenizer_train_chars, max_tokens, recipe, verbose) -> dict:
     _remove_stale_temporaries(out_dir)
     log = _printer(verbose)
 
@@ -189,8 +201,6 @@ def prepare_data(text_sources: Iterable, code_sources: Iterable, out_dir, tokeni
             raise err from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    if verbose:
-        print(format_summary(meta, out_dir), file=sys.stderr)
     return meta
 
 
@@ -255,14 +265,16 @@ def _alive(pid: int) -> bool:
 
 
 def _move_into_place(tmp: Path, out_dir: Path, meta: dict) -> None:
-    # meta.json marks a complete directory: drop the old one first and write the new one last
-    # (atomically, through fileio), so an interrupted run never leaves a complete-looking mix of
-    # old and new files.
+    # Every file is complete (and on disk) in tmp before anything in out_dir changes, so a full
+    # disk never costs a previous output. meta.json marks a complete directory: drop the old one
+    # first and move the new one in last, so an interrupted run never leaves a complete-looking
+    # mix of old and new files. Renames in one directory need no space and are atomic.
+    atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2) + "\n", action="write")
     (out_dir / META_FILE).unlink(missing_ok=True)
     for name in OUTPUT_FILES:
         if name != META_FILE:
             os.replace(tmp / name, out_dir / name)
-    atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp / META_FILE, out_dir / META_FILE)
 
 
 def _content_hash(text: str) -> bytes:
@@ -373,20 +385,23 @@ def _encode_domain(scan: _DomainScan, domain: str, tokenizer: Tokenizer, dtype: 
                disable=not verbose or not scan.kept, file=sys.stderr)
 
     def flush():
-        encoded = tokenizer.encode_batch([piece for _, _, piece, _ in batch])
+        encoded = tokenizer.encode_batch_arrays([piece for _, _, piece, _ in batch], dtype)
+        batch_pieces = [(i, label, last) for i, label, _, last in batch]
+        batch.clear()  # the text is no longer needed while the ids are written
         flat = {"train": [], "val": []}
+        eot = np.asarray([tokenizer.eot_id], dtype=dtype)
         done_bytes = 0
-        for (i, label, _, last), ids in zip(batch, encoded):
+        for (i, label, last), ids in zip(batch_pieces, encoded):
             split = "val" if scan.is_val[i] else "train"
             if max_tokens is not None and state["tokens"] + len(ids) + 1 > max_tokens:
                 ids = ids[:max_tokens - state["tokens"] - 1]  # the cap: cut here and end the document
                 last, state["full"] = True, True
-            flat[split].extend(ids)
+            flat[split].append(ids)
             c = counts.setdefault(label, _FileCounts())
             c.tokens[split] += len(ids) + last
             state["tokens"] += len(ids) + last
             if last:
-                flat[split].append(tokenizer.eot_id)
+                flat[split].append(eot)
                 c.documents[split] += 1
                 c.bytes[split] += int(scan.doc_bytes[i])
                 done_bytes += int(scan.doc_bytes[i])
@@ -396,24 +411,22 @@ def _encode_domain(scan: _DomainScan, domain: str, tokenizer: Tokenizer, dtype: 
                 break
         for split in SPLITS:
             if flat[split]:
-                outputs[split].write(np.asarray(flat[split], dtype=dtype).data)
+                outputs[split].write(np.concatenate(flat[split]).data)
         bar.update(done_bytes)
-        batch.clear()
         state["chars"] = 0
 
     try:
         for i, label, doc in _iter_scanned(scan, domain, txt_doc_chars):
             if not scan.keep[i]:
                 continue
-            pieces = list(split_for_encoding(doc))
-            for k, piece in enumerate(pieces):
-                batch.append((i, label, piece, k == len(pieces) - 1))
+            for piece, last in _with_last(split_for_encoding(doc)):
+                batch.append((i, label, piece, last))
                 state["chars"] += len(piece)
                 if state["chars"] >= _ENCODE_BATCH_CHARS or len(batch) >= _ENCODE_BATCH_PIECES:
                     flush()
                     if state["full"]:
                         break
-            del pieces
+            del doc
             if state["full"]:
                 break
         if batch and not state["full"]:
@@ -431,6 +444,19 @@ def _encode_domain(scan: _DomainScan, domain: str, tokenizer: Tokenizer, dtype: 
         _split_token_range(paths, dtype, val_fraction, tokenizer.eot_id, counts)
         return counts, "token_range"
     return counts, "documents" if val_fraction > 0 else "none"
+
+
+def _with_last(items: Iterator) -> Iterator[tuple[object, bool]]:
+    """(item, is_last) for each item, reading one ahead."""
+    it = iter(items)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield current, False
+        current = following
+    yield current, True
 
 
 def _split_token_range(paths: dict, dtype: np.dtype, val_fraction: float, eot_id: int,

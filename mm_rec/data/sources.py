@@ -302,6 +302,7 @@ def _iter_file_documents(f: InputFile, domain: str, txt_doc_chars: int, skips: S
     if not data.strip():
         raise _BadFile("empty")
     text = _decode(data)
+    del data  # a large file is held once, as text
     if not text.strip():
         raise _BadFile("empty")
     if domain == "code":

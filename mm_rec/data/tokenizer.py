@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -25,9 +26,9 @@ _EOT_ALIASES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 MIN_VOCAB_SIZE = 257
 # GPT-2's files come under two names: HF's (vocab.json, merges.txt) and OpenAI's (encoder.json, vocab.bpe).
 _GPT2_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
-# Long documents are encoded in pieces of at most this many characters: the tokenizer's memory
-# grows with the text it is handed (about 100 bytes per token), whatever the document size.
-MAX_PIECE_CHARS = 1 << 20
+# Long documents are encoded in pieces of at most this many characters: the tokenizer holds about
+# 180 bytes per token of the text it is handed, so memory must not follow the document's size.
+MAX_PIECE_CHARS = 1 << 18
 # The BPE trainer's cost grows with the length of its longest words (a merge rewrites every word
 # holding the pair); a run without whitespace is fed to it in slices of this many characters.
 MAX_TRAIN_RUN_CHARS = 256
@@ -67,6 +68,17 @@ class Tokenizer:
         # the same as encoding one by one. encode_batch_fast (tokenizers >= 0.20) skips offsets.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+    def encode_batch_arrays(self, texts: Sequence[str], dtype) -> list:
+        """encode_batch as numpy arrays of `dtype`, each encoding freed once converted (the
+        tokenizer's per-token objects are several times the size of the ids)."""
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        encodings = encode(list(texts), add_special_tokens=False)
+        arrays = []
+        for k in range(len(encodings)):
+            arrays.append(np.asarray(encodings[k].ids, dtype=dtype))
+            encodings[k] = None
+        return arrays
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
