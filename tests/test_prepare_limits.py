@@ -20,7 +20,7 @@ import pytest
 
 from mm_rec.data.loader import TokenData
 from mm_rec.data.prepare import bin_name, prepare_data
-from mm_rec.data.tokenizer import Tokenizer, split_for_encoding, train_tokenizer, training_pieces
+from mm_rec.data.tokenizer import Tokenizer, train_tokenizer
 from mm_rec.utils.errors import UserError
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -76,6 +76,7 @@ def one_line_error(proc, *phrases) -> str:
 
 # -- pieces: the same ids as the whole text -----------------------------------------------------
 def test_pieces_cut_at_whitespace_encode_exactly_as_the_whole_text():
+    from mm_rec.data.tokenizer import split_for_encoding, training_pieces
     rng = random.Random(1)
     parts = ["the", "cat", " ", "\n", "\n\n", "  ", "it's", "12", "x" * 40, "!!", "é", "\t", "東京", " \n "]
     tok = train_tokenizer(["".join(rng.choices(parts, k=3000)) for _ in range(10)], 500)
