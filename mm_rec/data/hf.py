@@ -31,8 +31,13 @@ class HFSpec:
     config: str | None
     split: str
 
-    def __str__(self) -> str:
-        return HF_PREFIX + ":".join(p for p in (self.name, self.config or "", self.split))
+    def __str__(self) -> str:  # as the user would write it
+        parts = [self.name]
+        if self.config or self.split != "train":
+            parts.append(self.config or "")
+        if self.split != "train":
+            parts.append(self.split)
+        return HF_PREFIX + ":".join(parts)
 
 
 def parse_hf_spec(spec: str) -> HFSpec:
