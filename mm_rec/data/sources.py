@@ -41,6 +41,9 @@ CODE_EXTENSIONS = (
     ".erl", ".dart", ".zig", ".nim",
 )
 RECORD_EXTENSIONS = (".jsonl", ".parquet", ".json", ".csv", ".arrow")
+# Inside a directory only these record files are read: a .json or .csv there is more often a
+# config or a table than a dataset (name such files, or use hf:DIR, to read them as records).
+DIRECTORY_RECORD_EXTENSIONS = (".jsonl", ".parquet")
 COMPRESSION_SUFFIXES = (".xz", ".gz")
 RECORD_FIELDS = ("text", "content")  # tried in this order unless a field is given...
 DOMAIN_RECORD_FIELDS = {"text": RECORD_FIELDS, "code": RECORD_FIELDS + ("code",)}  # ...per domain
@@ -70,6 +73,7 @@ class Source:
     label: str | None = None
     fields: tuple[str, ...] = RECORD_FIELDS  # the record field(s) holding a document
     hf: HFSpec | None = None                 # an hf:... dataset instead of a file or directory
+    extensions: tuple[str, ...] | None = None  # only these file types from a directory (default: the domain's)
 
     @property
     def name(self) -> str:
@@ -140,7 +144,7 @@ def list_input_files(source: Source, domain: str, stats: SourceStats | None = No
     if not path.is_dir():
         raise UserError(f"{domain} source {path} is neither a file nor a directory")
 
-    wanted = DOMAIN_EXTENSIONS[domain] + RECORD_EXTENSIONS
+    wanted = source.extensions or DOMAIN_EXTENSIONS[domain] + DIRECTORY_RECORD_EXTENSIONS
     skip_dirs = ALWAYS_SKIPPED_DIRS | set(source.exclude_dirs)
     found: list[tuple[str, Path, int]] = []
     ignored = 0
