@@ -16,14 +16,15 @@ from mm_rec.data.prepare import OUTPUT_FILES
 from mm_rec.scripts import prepare_data as prepare_cli
 from mm_rec.utils.errors import run_cli
 
-CODE = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n    y: int = 0\n",
-        "import os\n\nprint(os.getcwd())\n", "def add(a, b):\n    return a + b\n"]  # one duplicate
+ADD = "".join(f"def add{i}(a, b):\n    return a + b + {i}\n\n" for i in range(10))
+CODE = [ADD, "class Point:\n    x: int = 0\n    y: int = 0\n", "import os\n\nprint(os.getcwd())\n", ADD]  # one duplicate
 
 
 def documents() -> list[str]:
     words = "the whale sea ship captain harpoon deck night storm sailor rope ocean wind".split()
-    docs = [" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(5 + i % 40)) + f" {i}." for i in range(300)]
-    return docs + docs[:12]  # exact duplicates are dropped the same way from every format
+    docs = [" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(5 + i % 80)) + f" {i}." for i in range(300)]
+    long = [d for d in docs if len(d) >= 256]
+    return docs + long[:12]  # exact duplicates are dropped the same way from every format
 
 
 def run(argv, capsys) -> tuple[int, str]:

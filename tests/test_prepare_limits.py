@@ -250,17 +250,21 @@ def test_read_only_out_is_one_line(tmp_path, sources):
 
 # -- duplicates, one-document validation, --max_tokens ------------------------------------------
 def test_exact_duplicates_are_dropped_and_counted(tmp_path):
-    docs = [f"document number {i} says something about {i * 7}" for i in range(50)]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs + docs[:10] + docs[:5]))
-    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (tmp_path / "mod.py").write_text(CODE)
-    (tmp_path / "copy.py").write_text(CODE)  # the same file twice in code
+    docs = [f"document number {i} says something about {i * 7}. " * 8 for i in range(50)]
+    short = ["Amen.", "CHAPTER I."]  # short texts repeat legitimately: kept
+    assert min(map(len, docs)) >= 256 > max(map(len, short))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
+                                              for d in short + docs + docs[:10] + short + docs[:5]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in short + docs + short))
+    big_code = CODE * 5
+    (tmp_path / "mod.py").write_text(big_code)
+    (tmp_path / "copy.py").write_text(big_code)  # the same file twice in code
     meta = prepare_data([tmp_path / "a.jsonl"], [tmp_path / "mod.py", tmp_path / "copy.py"], tmp_path / "dup",
                         vocab_size=300, verbose=False)
     ref = prepare_data([tmp_path / "b.jsonl"], [tmp_path / "mod.py"], tmp_path / "ref", tokenizer_path=tmp_path / "dup",
                        verbose=False)
     assert meta["duplicates"]["text"] == {"documents": 15, "bytes": sum(len(d) for d in docs[:10] + docs[:5])}
-    assert meta["duplicates"]["code"] == {"documents": 1, "bytes": len(CODE)}
+    assert meta["duplicates"]["code"] == {"documents": 1, "bytes": len(big_code)}
     for d in ("text", "code"):
         for s in ("train", "val"):  # the same token files as the documents given once
             assert (tmp_path / "dup" / bin_name(d, s)).read_bytes() == (tmp_path / "ref" / bin_name(d, s)).read_bytes()

@@ -12,8 +12,8 @@ Output directory layout (all deterministic: the same inputs give byte-identical 
 The work is three passes over the sources, so memory stays bounded however large the corpus
 (8 bytes per document for the duplicate check, the largest single document, and one encoding
 batch of a few MB):
-1. scan: read every document, count it, and hash it. Exact duplicates (same text) are dropped
-   and counted. The validation split is chosen from a seeded hash of each document: the lowest
+1. scan: read every document, count it, and hash it. Exact duplicates (same text, at least
+   DEDUPE_MIN_BYTES long) are dropped and counted. The validation split is chosen from a seeded hash of each document: the lowest
    until they hold about val_fraction of the domain's bytes; a domain of one document is split
    by a contiguous token range at its end instead;
 2. train the tokenizer on the training documents (unless one is given);
@@ -65,6 +65,10 @@ _TMP_PREFIX = ".prepare-tmp-"
 # at most one token per byte, and real text well under one token per 16 bytes is unheard of.
 _SCAN_BYTES_PER_TOKEN = 16
 _COPY_CHUNK_TOKENS = 1 << 24
+# Exact duplicates shorter than this are kept: short texts repeat legitimately (a chapter heading,
+# "Amen.", a one-line __init__.py) and cost little; the copies worth dropping (a vendored module, a
+# licence, a page crawled twice) are long.
+DEDUPE_MIN_BYTES = 256
 
 
 def bin_name(domain: str, split: str) -> str:
@@ -308,10 +312,10 @@ def _scan_domain(sources: list[Source], domain: str, seed: int, txt_doc_chars: i
         files.append(fl)
         stats.append(st)
     hashes = np.array(doc_hashes, dtype=np.uint64)
-    keep = np.zeros(len(hashes), dtype=bool)
+    sizes = np.array(doc_bytes, dtype=np.int64)
+    keep = sizes < DEDUPE_MIN_BYTES
     keep[np.unique(hashes, return_index=True)[1]] = True  # the first copy of each text
-    return _DomainScan(sources[:len(files)], files, stats, np.array(doc_bytes, dtype=np.int64),
-                       np.array(doc_keys, dtype=np.uint64), keep, complete)
+    return _DomainScan(sources[:len(files)], files, stats, sizes, np.array(doc_keys, dtype=np.uint64), keep, complete)
 
 
 def choose_validation_documents(keys: np.ndarray, sizes: np.ndarray, val_fraction: float) -> np.ndarray:
