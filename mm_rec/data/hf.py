@@ -6,7 +6,9 @@
   FILE.csv / .json / .arrow  (and .tsv) inside --text/--code sources: read through the same library
 
 Everything is read with `load_dataset(..., streaming=True)`, the library's standard call, so a hub
-dataset is never downloaded whole and memory stays small. `datasets` is optional: without it these
+dataset is never downloaded whole and memory stays small. prepare_data streams a source once per
+pass: to scan it, to train the tokenizer (its first 200M characters; not with --tokenizer), and to
+encode it; with --max_tokens N each pass stops after about 8N bytes. `datasets` is optional: without it these
 sources fail with one line saying how to install it.
 """
 from __future__ import annotations

@@ -46,7 +46,7 @@ from mm_rec.data.sources import (DEFAULT_TXT_DOC_CHARS, SkipLog, Source, SourceS
 from mm_rec.data.tokenizer import (MAX_PIECE_CHARS, Tokenizer, split_for_encoding, train_tokenizer,
                                    training_pieces)
 from mm_rec.utils.errors import UserError
-from mm_rec.utils.fileio import atomic_write, atomic_write_text, check_writable_dir, disk_error
+from mm_rec.utils.fileio import atomic_write_text, check_writable_dir, disk_error
 
 DOMAINS = ("text", "code")
 SPLITS = ("train", "val")
@@ -61,9 +61,10 @@ DEFAULT_TOKENIZER_TRAIN_CHARS = 200_000_000
 _ENCODE_BATCH_CHARS = min(4 << 20, max(1 << 20, (os.cpu_count() or 1) * MAX_PIECE_CHARS))
 _ENCODE_BATCH_PIECES = 1024     # ...and by count
 _TMP_PREFIX = ".prepare-tmp-"
-# With --max_tokens, the scan stops after this many bytes per wanted token: byte-level BPE gives
-# at most one token per byte, and real text well under one token per 16 bytes is unheard of.
-_SCAN_BYTES_PER_TOKEN = 16
+# With --max_tokens, the scan stops after this many bytes per wanted token: a 32K byte-level BPE
+# gives about 3-5 bytes per token on English and code, so 8 leaves a wide margin while a hub
+# dataset is not streamed much further than needed.
+_SCAN_BYTES_PER_TOKEN = 8
 _COPY_CHUNK_TOKENS = 1 << 24
 # Exact duplicates shorter than this are kept: short texts repeat legitimately (a chapter heading,
 # "Amen.", a one-line __init__.py) and cost little; the copies worth dropping (a vendored module, a
@@ -185,7 +186,7 @@ def _prepare(sources, out_dir, tokenizer_path, vocab_size, val_fraction, seed, t
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            atomic_write(tmp / TOKENIZER_FILE, tokenizer.save, action="write the tokenizer to")
+            tokenizer.save(tmp / TOKENIZER_FILE)  # tmp is the atomic unit: moved into place only when complete
             file_counts, val_split = {}, {}
             for domain in DOMAINS:
                 t0 = time.time()
@@ -199,7 +200,7 @@ def _prepare(sources, out_dir, tokenizer_path, vocab_size, val_fraction, seed, t
                                val_fraction, seed, txt_doc_chars, max_tokens, recipe)
             _move_into_place(tmp, out_dir, meta)
         except OSError as e:
-            err = disk_error(e, e.filename or out_dir, "write")
+            err = disk_error(e, out_dir, "write the prepared data to")
             if err is None:
                 raise
             raise err from None
