@@ -82,13 +82,14 @@ def build_corpus(out, text_dirs=(), code_dirs=(), vocab_size: int = 32000, inclu
     recipe = {"name": "mm_rec build_corpus", "python": sys.version.split()[0], "include_tests": include_tests,
               "code_dirs": [str(s.path) for s in code], "text": [str(s.path) for s in text],
               "max_code_bytes": max_code_bytes, "max_tokens": max_tokens}
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     meta = prepare_data(text, code, out, vocab_size=vocab_size, val_fraction=val_fraction, max_tokens=max_tokens,
                         recipe=recipe, verbose=verbose)
-    seconds = time.time() - t0
+    seconds, cpu = time.time() - t0, time.process_time() - cpu0
     tokens = {d: meta["tokens"][d]["train"] + meta["tokens"][d]["val"] for d in DOMAINS}
     meta["build"] = {"seconds": round(seconds, 1), "tokens": tokens,
                      "tokens_per_second": round(sum(tokens.values()) / max(seconds, 1e-9)),
+                     "cpu_seconds": round(cpu, 1),  # all threads; differs from seconds x cpus on a shared machine
                      "peak_rss_mb": round(peak_rss_mb()), "cpus": _cpus()}
     return meta
 

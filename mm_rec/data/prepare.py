@@ -176,10 +176,10 @@ def _prepare(sources, out_dir, tokenizer_path, vocab_size, val_fraction, seed, t
 
         if tokenizer is None:
             log(f"training a byte-level BPE tokenizer with {vocab_size} tokens on the training documents")
-            t0 = time.time()
+            t0, cpu0 = time.time(), time.process_time()
             texts = _training_texts(scans, txt_doc_chars, tokenizer_train_chars)
             tokenizer = train_tokenizer(texts, vocab_size, show_progress=verbose)
-            log(f"trained the tokenizer in {time.time() - t0:.1f} s")
+            log(f"trained the tokenizer in {time.time() - t0:.1f} s ({time.process_time() - cpu0:.1f} CPU-seconds)")
         dtype = token_dtype(tokenizer.vocab_size)
 
         tmp = out_dir / f"{_TMP_PREFIX}{os.getpid()}"
@@ -189,13 +189,15 @@ def _prepare(sources, out_dir, tokenizer_path, vocab_size, val_fraction, seed, t
             tokenizer.save(tmp / TOKENIZER_FILE)  # tmp is the atomic unit: moved into place only when complete
             file_counts, val_split = {}, {}
             for domain in DOMAINS:
-                t0 = time.time()
+                t0, cpu0 = time.time(), time.process_time()
                 file_counts[domain], val_split[domain] = _encode_domain(
                     scans[domain], domain, tokenizer, dtype, tmp, txt_doc_chars, val_fraction, max_tokens, verbose)
                 tokens = sum(c.tokens["train"] + c.tokens["val"] for c in file_counts[domain].values())
                 if tokens:
                     seconds = max(time.time() - t0, 1e-9)
-                    log(f"tokenized {domain}: {tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
+                    cpu = time.process_time() - cpu0  # all threads: on a shared machine, what the work cost
+                    log(f"tokenized {domain}: {tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s; "
+                        f"{cpu:.1f} CPU-seconds, {tokens / max(cpu, 1e-9):,.0f} tokens per CPU-second)")
             meta = _build_meta(scans, file_counts, val_split, skips, tokenizer, dtype, tokenizer_path, vocab_size,
                                val_fraction, seed, txt_doc_chars, max_tokens, recipe)
             _move_into_place(tmp, out_dir, meta)

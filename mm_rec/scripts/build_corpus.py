@@ -43,7 +43,8 @@ def main(argv=None) -> int:
                         max_tokens=args.max_tokens, val_fraction=args.val_fraction, verbose=not args.quiet)
     b = meta["build"]
     print(f"corpus in {args.out}: text {b['tokens']['text']:,} tokens, code {b['tokens']['code']:,} tokens; "
-          f"{b['seconds']:.0f} s on {b['cpus']} CPUs ({b['tokens_per_second']:,} tokens/s over the whole build), "
+          f"{b['seconds']:.0f} s on {b['cpus']} CPUs ({b['tokens_per_second']:,} tokens/s over the whole build; "
+          f"{b['cpu_seconds']:.0f} CPU-seconds), "
           f"peak RSS {b['peak_rss_mb']:,} MB", file=sys.stderr)
     if args.json:
         atomic_write_text(args.json, json.dumps({"out": args.out, **b, "duplicates": meta["duplicates"],
