@@ -392,7 +392,7 @@ def _encode_domain(scan: _DomainScan, domain: str, tokenizer: Tokenizer, dtype: 
                disable=not verbose or not scan.kept, file=sys.stderr)
 
     def flush():
-        encoded = tokenizer.encode_batch_arrays([piece for _, _, piece, _ in batch], dtype)
+        encoded = [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch([piece for _, _, piece, _ in batch])]
         batch_pieces = [(i, label, last) for i, label, _, last in batch]
         batch.clear()  # the text is no longer needed while the ids are written
         flat = {"train": [], "val": []}

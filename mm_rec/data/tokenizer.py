@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -67,18 +66,12 @@ class Tokenizer:
         # Parallel over documents in Rust; results are per document, so order and content are
         # the same as encoding one by one. encode_batch_fast (tokenizers >= 0.20) skips offsets.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
-
-    def encode_batch_arrays(self, texts: Sequence[str], dtype) -> list:
-        """encode_batch as numpy arrays of `dtype`, each encoding freed once converted (the
-        tokenizer's per-token objects are several times the size of the ids)."""
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         encodings = encode(list(texts), add_special_tokens=False)
-        arrays = []
-        for k in range(len(encodings)):
-            arrays.append(np.asarray(encodings[k].ids, dtype=dtype))
+        ids = []
+        for k in range(len(encodings)):  # each encoding (~180 bytes a token) freed once its ids are out
+            ids.append(encodings[k].ids)
             encodings[k] = None
-        return arrays
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
