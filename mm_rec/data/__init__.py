@@ -1,9 +1,11 @@
 """Data: tokenizer, corpus preparation, the default corpus, and batch loaders.
 
   tokenizer.py  Tokenizer (byte-level BPE: train, or load tokenizer.json / GPT-2 files), check_vocab
-  sources.py    files and directories -> documents (formats, skips)
+  sources.py    files, directories and datasets -> documents (formats, skips)
+  hf.py         hf:NAME[:CONFIG][:SPLIT] and local dataset files through the `datasets` library (optional)
   prepare.py    prepare_data: documents -> tokenizer.json, meta.json, {text,code}_{train,val}.bin
   corpus.py     the default corpus (bundled prose + this Python's stdlib), built once into a cache
+  build_corpus.py  a large corpus from this machine's Python sources and prose directories
   loader.py     TokenData: deterministic training windows, evaluation windows, DataLoader builder
 """
 from mm_rec.data.corpus import default_corpus_dir, ensure_default_corpus

@@ -34,7 +34,7 @@ STDLIB_EXCLUDE_DIRS = ("test", "tests", "idle_test", "site-packages", "dist-pack
 DEFAULT_CODE_MAX_BYTES = 12_000_000
 DEFAULT_VAL_FRACTION = 0.01
 # Bump when the recipe changes, so existing caches are rebuilt instead of silently reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: exact duplicates dropped, split keys from the content hash
 
 
 def bundled_prose_paths() -> list[Path]:
@@ -109,7 +109,7 @@ def _matches(out: Path, recipe: dict) -> bool:
         meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return meta.get("recipe") == recipe
+    return isinstance(meta, dict) and meta.get("recipe") == recipe
 
 
 def _clear_stale(out: Path) -> None:

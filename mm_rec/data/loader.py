@@ -32,12 +32,63 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mm_rec.data.prepare import DOMAINS, META_FILE, META_FORMAT, SPLITS, TOKENIZER_FILE, bin_name
+from mm_rec.data.prepare import DOMAINS, META_FILE, META_FORMAT, META_VERSION, SPLITS, TOKENIZER_FILE, bin_name
 from mm_rec.data.tokenizer import Tokenizer, check_vocab
 from mm_rec.utils.errors import UserError
 
 KINDS = ("mixed", "text", "code")
 _VALIDATE_CHUNK = 1 << 24  # tokens per chunk when scanning a memmap for out-of-range ids
+
+
+# The token types prepare_data writes; anything else in meta.json is refused before numpy sees it
+# (a "dtype": "object" memmap would read pointers out of the file and crash the process).
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def check_meta(meta, meta_path) -> dict:
+    """The fields TokenData uses, each checked for type and range; a bad one is a UserError naming
+    the file and the field. Returns {"vocab_size", "eot_id", "dtype", "outputs"}."""
+    redo = f"re-run prepare_data for {Path(meta_path).parent}"
+
+    def bad(field: str, why: str) -> UserError:
+        return UserError(f"{meta_path}: field {field} {why}; {redo}")
+
+    def integer(value, field: str, low: int, high: int) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad(field, f"must be an integer, got {type(value).__name__} {_short(value)}")
+        if not low <= value <= high:
+            raise bad(field, f"must be in [{low}, {high}], got {value}")
+        return value
+
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise UserError(f"{meta_path} was not written by prepare_data; {redo}")
+    for key in ("vocab_size", "eot_id", "dtype", "outputs"):
+        if key not in meta:
+            raise bad(key, "is missing")
+    version = meta.get("version", META_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > META_VERSION:
+        raise bad("version", f"must be an integer <= {META_VERSION}, got {_short(version)}")
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in TOKEN_DTYPES:
+        raise bad("dtype", f"must be one of {', '.join(TOKEN_DTYPES)}, got {_short(meta['dtype'])}")
+    dtype = np.dtype(meta["dtype"])
+    vocab_size = integer(meta["vocab_size"], "vocab_size", 1, 1 << (8 * dtype.itemsize))
+    eot_id = integer(meta["eot_id"], "eot_id", 0, vocab_size - 1)
+    outputs = meta["outputs"]
+    if not isinstance(outputs, dict):
+        raise bad("outputs", f"must be an object of token counts, got {type(outputs).__name__}")
+    counts = {}
+    for domain in DOMAINS:
+        for split in SPLITS:
+            name = bin_name(domain, split)
+            if name not in outputs:
+                raise bad(f"outputs.{name}", "is missing")
+            counts[name] = integer(outputs[name], f"outputs.{name}", 0, (1 << 62) // dtype.itemsize)
+    return {"vocab_size": vocab_size, "eot_id": eot_id, "dtype": dtype, "outputs": counts}
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class TokenData:
@@ -56,25 +107,26 @@ class TokenData:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise UserError(f"{meta_path} is not valid JSON; re-run prepare_data for {self.data_dir}") from None
-        required = ("vocab_size", "eot_id", "dtype", "outputs")
-        if self.meta.get("format") != META_FORMAT or any(k not in self.meta for k in required):
-            raise UserError(f"{meta_path} was not written by prepare_data; re-run prepare_data for {self.data_dir}")
-        self.vocab_size: int = int(self.meta["vocab_size"])
-        self.eot_id: int = int(self.meta["eot_id"])
-        self.dtype = np.dtype(self.meta["dtype"])
+        except OSError as e:
+            raise UserError(f"cannot read {meta_path}: {e.strerror or e}") from None
+        fields = check_meta(self.meta, meta_path)
+        self.vocab_size: int = fields["vocab_size"]
+        self.eot_id: int = fields["eot_id"]
+        self.dtype = fields["dtype"]
         if vocab_size is not None:
             check_vocab(self.vocab_size, vocab_size, what=f"the tokenizer of {self.data_dir}")
         self._lengths = {}
         for domain in DOMAINS:
             for split in SPLITS:
                 path = self.data_dir / bin_name(domain, split)
-                expected = int(self.meta["outputs"].get(bin_name(domain, split), -1))
+                expected = fields["outputs"][bin_name(domain, split)]
                 if not path.is_file():
                     raise UserError(f"{path} is missing; re-run prepare_data for {self.data_dir}")
                 size = path.stat().st_size
                 if size != expected * self.dtype.itemsize:
-                    raise UserError(f"{path} has {size} bytes but meta.json says {expected} {self.dtype.name} "
-                                    "tokens; the directory is damaged: re-run prepare_data")
+                    raise UserError(f"{path} has {size} bytes but meta.json field outputs.{bin_name(domain, split)} "
+                                    f"says {expected} {self.dtype.name} tokens ({expected * self.dtype.itemsize} "
+                                    "bytes); the directory is damaged: re-run prepare_data")
                 self._lengths[(domain, split)] = expected
         self._maps: dict = {}
 
@@ -120,6 +172,14 @@ class TokenData:
                                         f"{self.vocab_size} (first at position {where}); the file does not "
                                         f"match its tokenizer: re-run prepare_data for {self.data_dir}")
 
+    def _check_ids(self, block: np.ndarray, domain: str, split: str, offset: int) -> None:
+        """Every window read is checked (cheap next to the model), so a damaged file is one line
+        in any command, not an index error in the embedding."""
+        if block.size and int(block.max()) >= self.vocab_size:
+            raise UserError(f"{bin_name(domain, split)} in {self.data_dir} holds token id {int(block.max())} >= "
+                            f"meta.json field vocab_size {self.vocab_size} (near token {offset}); the file does "
+                            "not match its tokenizer: re-run prepare_data")
+
     # --- training batches ------------------------------------------------------------------
     def sample_windows(self, kind: str, step: int, batch_size: int, seq_len: int, seed: int = 0,
                        rank: int = 0, world_size: int = 1, split: str = "train") -> list[tuple[str, int]]:
@@ -158,6 +218,7 @@ class TokenData:
         block = np.empty((batch_size, seq_len + 1), dtype=np.int64)
         for row, (domain, start) in enumerate(windows):
             block[row] = self.tokens(domain, split)[start:start + seq_len + 1]
+            self._check_ids(block[row], domain, split, start)
         block = torch.from_numpy(block)
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()
 
@@ -194,6 +255,7 @@ class TokenData:
         for b in range(rank, n_batches, world_size):
             first, last = b * batch_size, min((b + 1) * batch_size, n_windows)
             block = np.stack([arr[k * seq_len:k * seq_len + seq_len + 1] for k in range(first, last)]).astype(np.int64)
+            self._check_ids(block, domain, split, first * seq_len)
             block = torch.from_numpy(block)
             yield block[:, :-1].contiguous(), block[:, 1:].contiguous()
 

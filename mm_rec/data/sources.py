@@ -5,8 +5,11 @@ A source is a file or a directory. Formats, by extension (a trailing .xz or .gz 
   text: cut at blank lines into documents of at least `txt_doc_chars` characters (whole
   paragraphs; 0 makes every paragraph a document), so that one long book still gives a
   validation split; code: one document per file, verbatim.
-- .jsonl: one document per line, from its "text" or else "content" field.
-- .parquet (needs pyarrow): one document per row of the "text" or else "content" column.
+- .jsonl: one document per line, from its "text", else "content", else "code" field (or the
+  field given with --text_field / --code_field); read line by line, so any size is fine.
+- .parquet (needs pyarrow): one document per row of that column.
+- .csv, .json, .arrow, and `hf:NAME[:CONFIG][:SPLIT]` sources (hub datasets, or local dataset
+  files and directories): one document per row, read through the `datasets` library (hf.py).
 
 Bad input is reported, never a traceback: inside a directory an empty, binary, non-UTF-8 or
 unreadable file is a counted skip; a file the user named explicitly is an error. A jsonl line or
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from mm_rec.data.hf import BUILDERS, HF_PREFIX, HFSpec, iter_records, parse_hf_spec
 from mm_rec.utils.errors import UserError
 
 TEXT_EXTENSIONS = (".txt", ".md", ".rst")
@@ -36,9 +40,13 @@ CODE_EXTENSIONS = (
     ".bash", ".zsh", ".ps1", ".sql", ".asm", ".s", ".f90", ".vim", ".el", ".clj", ".ex", ".exs",
     ".erl", ".dart", ".zig", ".nim",
 )
-RECORD_EXTENSIONS = (".jsonl", ".parquet")
+RECORD_EXTENSIONS = (".jsonl", ".parquet", ".json", ".csv", ".arrow")
+# Inside a directory only these record files are read: a .json or .csv there is more often a
+# config or a table than a dataset (name such files, or use hf:DIR, to read them as records).
+DIRECTORY_RECORD_EXTENSIONS = (".jsonl", ".parquet")
 COMPRESSION_SUFFIXES = (".xz", ".gz")
-RECORD_FIELDS = ("text", "content")
+RECORD_FIELDS = ("text", "content")  # tried in this order unless a field is given...
+DOMAIN_RECORD_FIELDS = {"text": RECORD_FIELDS, "code": RECORD_FIELDS + ("code",)}  # ...per domain
 DEFAULT_TXT_DOC_CHARS = 32_000
 # Never descended into when walking a directory source (hidden directories are skipped too).
 ALWAYS_SKIPPED_DIRS = frozenset({"__pycache__", "node_modules"})
@@ -63,14 +71,25 @@ class Source:
     exclude_dirs: tuple[str, ...] = ()
     max_bytes: int | None = None
     label: str | None = None
+    fields: tuple[str, ...] = RECORD_FIELDS  # the record field(s) holding a document
+    hf: HFSpec | None = None                 # an hf:... dataset instead of a file or directory
+    extensions: tuple[str, ...] | None = None  # only these file types from a directory (default: the domain's)
 
     @property
     def name(self) -> str:
         return self.label or str(self.path)
 
 
-def as_source(src: "str | os.PathLike | Source") -> Source:
-    return src if isinstance(src, Source) else Source(Path(src))
+def as_source(src: "str | os.PathLike | Source", field: str | None = None, domain: str = "text") -> Source:
+    """A Source for a path, an 'hf:NAME[:CONFIG][:SPLIT]' spec, or a Source as is. Records take
+    their document from `field`, or else from the domain's usual fields."""
+    if isinstance(src, Source):
+        return src
+    fields = (field,) if field else DOMAIN_RECORD_FIELDS[domain]
+    if isinstance(src, str) and src.startswith(HF_PREFIX):
+        spec = parse_hf_spec(src)
+        return Source(Path(spec.name), label=src, fields=fields, hf=spec)
+    return Source(Path(src), fields=fields)
 
 
 @dataclass
@@ -109,19 +128,23 @@ class InputFile:
     label: str
     explicit: bool  # named by the user: a bad file is an error, not a skip
     max_bytes: int | None = None
+    fields: tuple[str, ...] = RECORD_FIELDS
+    hf: HFSpec | None = None
 
 
 def list_input_files(source: Source, domain: str, stats: SourceStats | None = None) -> list[InputFile]:
     """The files of `source` for `domain`, in a deterministic (sorted) order."""
     path = source.path
+    if source.hf is not None:
+        return [InputFile(path, source.name, explicit=True, fields=source.fields, hf=source.hf)]
     if path.is_file():
-        return [InputFile(path, source.name, explicit=True, max_bytes=source.max_bytes)]
+        return [InputFile(path, source.name, explicit=True, max_bytes=source.max_bytes, fields=source.fields)]
     if not path.exists():
         raise UserError(f"{domain} source {path} does not exist; give an existing file or directory")
     if not path.is_dir():
         raise UserError(f"{domain} source {path} is neither a file nor a directory")
 
-    wanted = DOMAIN_EXTENSIONS[domain] + RECORD_EXTENSIONS
+    wanted = source.extensions or DOMAIN_EXTENSIONS[domain] + DIRECTORY_RECORD_EXTENSIONS
     skip_dirs = ALWAYS_SKIPPED_DIRS | set(source.exclude_dirs)
     found: list[tuple[str, Path, int]] = []
     ignored = 0
@@ -144,7 +167,7 @@ def list_input_files(source: Source, domain: str, stats: SourceStats | None = No
     if source.max_bytes is not None:
         found = _sample_to_cap(found, source.max_bytes)
     found.sort()
-    return [InputFile(full, f"{source.name}/{rel}", explicit=False) for rel, full, _ in found]
+    return [InputFile(full, f"{source.name}/{rel}", explicit=False, fields=source.fields) for rel, full, _ in found]
 
 
 def _sample_to_cap(found: list[tuple[str, Path, int]], max_bytes: int) -> list[tuple[str, Path, int]]:
@@ -175,18 +198,19 @@ class _BadFile(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _read_bytes(path: Path, max_bytes: int | None) -> bytes:
+def _open_binary(path: Path):
     suffix = path.suffix.lower()
+    if suffix == ".xz":
+        return lzma.open(path, "rb")
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _read_bytes(path: Path, max_bytes: int | None) -> bytes:
     try:
-        if suffix == ".xz":
-            with lzma.open(path, "rb") as f:
-                data = f.read() if max_bytes is None else f.read(max_bytes)
-        elif suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                data = f.read() if max_bytes is None else f.read(max_bytes)
-        else:
-            with open(path, "rb") as f:
-                data = f.read() if max_bytes is None else f.read(max_bytes)
+        with _open_binary(path) as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes)
     except (OSError, EOFError, lzma.LZMAError) as e:
         raise _BadFile("unreadable", f"{type(e).__name__}: {e}") from None
     if max_bytes is not None and len(data) == max_bytes:
@@ -269,16 +293,20 @@ def _skip_summary(skips: SkipLog, file: str | None = None) -> str:
 
 def _iter_file_documents(f: InputFile, domain: str, txt_doc_chars: int, skips: SkipLog) -> Iterator[str]:
     ext = _format_extension(f.path)
+    if f.hf is not None or (ext in BUILDERS and ext not in (".parquet", ".jsonl")):
+        yield from _iter_dataset_rows(f, skips)
+        return
     if ext == ".parquet":
         yield from _iter_parquet(f, skips)
+        return
+    if ext == ".jsonl":
+        yield from _iter_jsonl(f, skips)
         return
     data = _read_bytes(f.path, f.max_bytes)
     if not data.strip():
         raise _BadFile("empty")
-    if ext == ".jsonl":
-        yield from _iter_jsonl(f, data, skips)
-        return
     text = _decode(data)
+    del data  # a large file is held once, as text
     if not text.strip():
         raise _BadFile("empty")
     if domain == "code":
@@ -287,23 +315,45 @@ def _iter_file_documents(f: InputFile, domain: str, txt_doc_chars: int, skips: S
         yield from split_paragraph_documents(text, txt_doc_chars)
 
 
-def _iter_jsonl(f: InputFile, data: bytes, skips: SkipLog) -> Iterator[str]:
-    if b"\x00" in data:
-        raise _BadFile("binary", "contains NUL bytes")
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-        except UnicodeDecodeError:
-            skips.add(f.label, "invalid UTF-8", lineno)
-            continue
-        except ValueError:
-            skips.add(f.label, "invalid JSON", lineno)
-            continue
-        doc = _record_field(record)
+def _iter_jsonl(f: InputFile, skips: SkipLog) -> Iterator[str]:
+    """One document per line, read line by line (a file of any size), up to f.max_bytes."""
+    seen_any, used = False, 0
+    try:
+        with _open_binary(f.path) as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                used += len(raw)
+                if f.max_bytes is not None and used > f.max_bytes:
+                    break
+                if not raw.strip():
+                    continue
+                if b"\x00" in raw:
+                    raise _BadFile("binary", f"NUL bytes on line {lineno}")
+                seen_any = True
+                try:
+                    record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                except UnicodeDecodeError:
+                    skips.add(f.label, "invalid UTF-8", lineno)
+                    continue
+                except ValueError:
+                    skips.add(f.label, "invalid JSON", lineno)
+                    continue
+                doc = _record_field(record, f.fields)
+                if isinstance(doc, _Missing):
+                    skips.add(f.label, doc.reason, lineno)
+                else:
+                    yield doc
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise _BadFile("unreadable", f"{type(e).__name__}: {e}") from None
+    if not seen_any:
+        raise _BadFile("empty")
+
+
+def _iter_dataset_rows(f: InputFile, skips: SkipLog) -> Iterator[str]:
+    """Rows of an hf:... source or a local dataset file, through the datasets library."""
+    for row_number, record in enumerate(iter_records(f.hf if f.hf is not None else f.path), start=1):
+        doc = _record_field(record, f.fields)
         if isinstance(doc, _Missing):
-            skips.add(f.label, doc.reason, lineno)
+            skips.add(f.label, doc.reason, row_number)
         else:
             yield doc
 
@@ -313,10 +363,10 @@ class _Missing:
         self.reason = reason
 
 
-def _record_field(record) -> "str | _Missing":
+def _record_field(record, fields: tuple[str, ...] = RECORD_FIELDS) -> "str | _Missing":
     if not isinstance(record, dict):
         return _Missing("not a JSON object")
-    for name in RECORD_FIELDS:
+    for name in fields:
         if name in record:
             value = record[name]
             if not isinstance(value, str):
@@ -324,7 +374,7 @@ def _record_field(record) -> "str | _Missing":
             if not value.strip():
                 return _Missing("empty")
             return value
-    return _Missing("no 'text' or 'content' field")
+    return _Missing(f"no {' or '.join(repr(n) for n in fields)} field")
 
 
 def _iter_parquet(f: InputFile, skips: SkipLog) -> Iterator[str]:
@@ -336,14 +386,14 @@ def _iter_parquet(f: InputFile, skips: SkipLog) -> Iterator[str]:
         pf = pq.ParquetFile(f.path)
     except Exception as e:  # pyarrow raises its own error types for corrupt files
         raise _BadFile("unreadable", f"not a parquet file: {type(e).__name__}") from None
-    column = next((c for c in RECORD_FIELDS if c in pf.schema_arrow.names), None)
+    column = next((c for c in f.fields if c in pf.schema_arrow.names), None)
     if column is None:
-        raise _BadFile("no 'text' or 'content' column")
+        raise _BadFile(f"no {' or '.join(repr(n) for n in f.fields)} column")
     row = 0
     for batch in pf.iter_batches(columns=[column], batch_size=1024):
         for value in batch.column(0).to_pylist():
             row += 1
-            doc = _record_field({column: value}) if value is not None else _Missing("empty")
+            doc = _record_field({column: value}, (column,)) if value is not None else _Missing("empty")
             if isinstance(doc, _Missing):
                 skips.add(f.label, doc.reason, row)
             else:

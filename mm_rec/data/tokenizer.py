@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -24,6 +25,16 @@ _EOT_ALIASES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 MIN_VOCAB_SIZE = 257
 # GPT-2's files come under two names: HF's (vocab.json, merges.txt) and OpenAI's (encoder.json, vocab.bpe).
 _GPT2_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+# Long documents are encoded in pieces of at most this many characters: the tokenizer holds about
+# 180 bytes per token of the text it is handed, so memory must not follow the document's size.
+MAX_PIECE_CHARS = 1 << 18
+# The BPE trainer's cost grows with the length of its longest words (a merge rewrites every word
+# holding the pair); a run without whitespace is fed to it in slices of this many characters.
+MAX_TRAIN_RUN_CHARS = 256
+# A place to cut: a non-space character followed by whitespace. GPT-2's pre-tokenizer never
+# puts such a pair in one pre-token, so cutting there gives the same ids as not cutting.
+_CUT = re.compile(r"\S(?=\s)")
+_LONG_RUN = re.compile(r"(?<!\S)\S{%d,}" % (MAX_TRAIN_RUN_CHARS + 1))
 
 
 class Tokenizer:
@@ -55,7 +66,12 @@ class Tokenizer:
         # Parallel over documents in Rust; results are per document, so order and content are
         # the same as encoding one by one. encode_batch_fast (tokenizers >= 0.20) skips offsets.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+        encodings = encode(list(texts), add_special_tokens=False)
+        ids = []
+        for k in range(len(encodings)):  # each encoding (~180 bytes a token) freed once its ids are out
+            ids.append(encodings[k].ids)
+            encodings[k] = None
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -146,6 +162,53 @@ def _byte_level(model: models.Model) -> tokenizers.Tokenizer:
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     return hf
+
+
+def split_for_encoding(text: str, max_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    """`text` in pieces of at most `max_chars` characters, cut where a non-space character meets
+    whitespace (so byte-level BPE gives exactly the ids of the whole text); a stretch of
+    `max_chars` with no whitespace at all is cut hard (only there can the ids differ)."""
+    start, n = 0, len(text)
+    while n - start > max_chars:
+        end = start + max_chars
+        cut = _last_cut(text, start + max_chars // 2, end)
+        yield text[start:cut]
+        start = cut
+    if start < n or n == 0:
+        yield text[start:]
+
+
+def _last_cut(text: str, low: int, high: int) -> int:
+    """The last cut point in text[low:high], looking back from `high` a window at a time, or `high`."""
+    window = 4096
+    hi = high
+    while hi > low:
+        lo = max(low, hi - window)
+        last = None
+        for last in _CUT.finditer(text, lo, hi):
+            pass
+        if last is not None:
+            return last.end()
+        hi = lo + 1  # a match may straddle lo: overlap by one character
+        if lo == low:
+            break
+        window *= 2
+    return high
+
+
+def training_pieces(text: str) -> Iterator[str]:
+    """`text` as the tokenizer trainer should see it: encoding-sized pieces, with any run of more
+    than MAX_TRAIN_RUN_CHARS non-space characters given in slices of that length."""
+    for piece in split_for_encoding(text):
+        pos = 0
+        for m in _LONG_RUN.finditer(piece):
+            if m.start() > pos:
+                yield piece[pos:m.start()]
+            for k in range(m.start(), m.end(), MAX_TRAIN_RUN_CHARS):
+                yield piece[k:min(k + MAX_TRAIN_RUN_CHARS, m.end())]
+            pos = m.end()
+        if pos < len(piece):
+            yield piece[pos:]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:

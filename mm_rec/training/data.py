@@ -12,6 +12,7 @@ import hashlib
 import torch
 
 from ..model.config import MMRecConfig
+from ..utils.errors import UserError
 
 
 class SyntheticData:
@@ -61,7 +62,28 @@ def open_training_data(data_dir: str | None, synthetic: bool, model_config: MMRe
         from ..data.corpus import ensure_default_corpus
         data_dir = ensure_default_corpus(model_config.vocab_size, verbose=verbose)
     data = TokenData(data_dir)
+    check_both_domains(data)
     tokenizer = Tokenizer.load(data_dir)
     check_vocab(tokenizer, model_config.vocab_size, what=f"the tokenizer of {data_dir}")
     data.validate_ids()
     return data, tokenizer
+
+
+def check_both_domains(data) -> None:
+    """Refuse, before the model is built, data that lacks a domain or its validation split.
+
+    Every stage needs both: Stages 1 and 3 train on batches that are half text and half code,
+    Stage 2 trains each expert on its own domain, and every stage ends by scoring both domains'
+    validation splits. Without this check a text-only set fails only after the run started, with
+    advice about --seq_len that does not help.
+    """
+    for domain, other in (("text", "code"), ("code", "text")):
+        if data.num_tokens(domain, "train") == 0:
+            source = ("source code (any, e.g. this Python's standard library)" if domain == "code"
+                      else "prose (.txt/.md files, or the bundled texts in mm_rec/data/corpus)")
+            raise UserError(f"{data.data_dir} holds no {domain} data (prepared with --{other} only), but every stage "
+                            f"trains on both text and code (Stage 2 trains the {domain} expert on {domain} alone): "
+                            f"prepare it again with --{domain} SRC too, e.g. {source}")
+        if data.num_tokens(domain, "val") == 0:
+            raise UserError(f"{data.data_dir} has no {domain} validation tokens (prepared with --val_fraction 0?), "
+                            "but every stage ends by scoring both domains: prepare it again with --val_fraction > 0")
