@@ -1,5 +1,4 @@
 """Session memory: exact round trip, continuation == uninterrupted, id validation, clear errors."""
-import json
 
 import pytest
 import torch
