@@ -14,12 +14,13 @@ export leaves no half file, a full or read-only disk is one line, and the files 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from ..utils.errors import UserError
-from ..utils.fileio import atomic_write, atomic_write_text, check_writable_dir
+from ..utils.fileio import atomic_write, atomic_write_text, check_writable_dir, file_mode
 from .loading import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, load_model
 
 GUIDE_PT_NAME = "mmrec_100m_final.pt"
@@ -37,7 +38,11 @@ def save_pretrained(model, out_dir, tokenizer=None) -> Path:
     out_dir = prepare_out_dir(out_dir)
     # save_model (not save_file) drops tensors that share storage, e.g. tie_embeddings=True,
     # and the loader restores them.
-    atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata={"format": "pt"}))
+    def write_weights(tmp):
+        save_model(model, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, file_mode())  # safetensors creates its file anew, 0600: give it the umask's mode again
+
+    atomic_write(out_dir / WEIGHTS_NAME, write_weights)
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(export_config(model), indent=2) + "\n")
     if tokenizer is not None:
         atomic_write_text(out_dir / TOKENIZER_NAME, tokenizer.to_json())

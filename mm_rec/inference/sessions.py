@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..utils.errors import UserError
-from ..utils.fileio import atomic_write, disk_error
+from ..utils.fileio import atomic_write_bytes, disk_error
 
 SESSION_NAME = "session.safetensors"
 LOCK_NAME = "lock"
@@ -273,7 +273,7 @@ class SessionMemoryManager:
 
         expected_version: the `version` the caller loaded; if the session has been saved since, the
         save is refused (UserError) instead of overwriting that turn. Returns the session folder."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
         validate_session_id(session_id)
         if not memory_states:
             raise UserError(f"session {session_id!r}: there is no memory state to save")
@@ -309,9 +309,8 @@ class SessionMemoryManager:
             }
             folder = self.session_dir(session_id)
             self._remove_stale_temporaries(folder)
-            header = {HEADER_KEY: json.dumps(metadata)}
-            atomic_write(folder / SESSION_NAME, lambda tmp: save_file(flat, str(tmp), metadata=header),
-                         action=f"save session {session_id!r} to")
+            data = save(flat, metadata={HEADER_KEY: json.dumps(metadata)})  # (bytes: a few MB at most)
+            atomic_write_bytes(folder / SESSION_NAME, data, action=f"save session {session_id!r} to")
             for old in (METADATA_NAME, STATE_NAME):  # layout 1, now superseded by the file above
                 (folder / old).unlink(missing_ok=True)
         return folder
