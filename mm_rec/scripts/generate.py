@@ -64,9 +64,8 @@ def check_args(args) -> None:
 
 
 def check_room_for_session(session_dir: str, config, dtype) -> None:
-    """Refuse now, before any text is printed, a --session_dir that could not take the new state
-    (a session is written next to the old one, then renamed over it)."""
-    check_writable_dir(session_dir, "session directory")
+    """Refuse now, before any text is printed, a full --session_dir (a session is written next to
+    the old one, then renamed over it)."""
     needed = state_nbytes(config, 1, dtype) + (1 << 16)  # + the safetensors header and the filesystem's blocks
     free = shutil.disk_usage(session_dir).free
     if free < needed:
