@@ -102,7 +102,7 @@ def test_save_pretrained_round_trip_in_bfloat16(tmp_path):
 
 def test_export_errors(tmp_path):
     code, _, err = _export(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")])
-    assert code == 2 and err.startswith("error: checkpoint not found")
+    assert code == 2 and err.startswith("error: checkpoint not found") and not (tmp_path / "o").exists()
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     code, _, err = _export(["--checkpoint", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "o")])
     assert code == 2 and "corrupt" in err

@@ -89,11 +89,13 @@ def test_two_writers_lose_no_turn_and_readers_never_see_a_mixed_pair(tmp_path):
 def test_a_stale_writer_is_refused_and_succeeds_on_retry(tmp_path):
     sessions = SessionMemoryManager(tmp_path)
     sessions.serialize_state("s", states_filled(1.0), token_count=1)
+    stale = tmp_path / "s" / f".{SESSION_NAME}.killed-mid-save.tmp"  # what a writer killed by -9 leaves
+    stale.write_bytes(b"partial")
     _, meta = sessions.load("s")
     sessions.serialize_state("s", states_filled(2.0), token_count=2, expected_version=meta["version"])
     with pytest.raises(UserError, match="another writer.*retry"):
         sessions.serialize_state("s", states_filled(3.0), token_count=3, expected_version=meta["version"])
-    assert sessions.load_metadata("s")["token_count"] == 2
+    assert sessions.load_metadata("s")["token_count"] == 2 and not stale.exists()  # the next writer removed it
     latest = sessions.load_metadata("s")["version"]
     sessions.serialize_state("s", states_filled(3.0), token_count=3, expected_version=latest)
     assert sessions.load_metadata("s")["token_count"] == 3

@@ -174,15 +174,19 @@ def load_tokenizer_file(path):
     return Tokenizer.load(path)
 
 
+def require_source(path) -> Path:
+    """The checkpoint or export the user named, or a UserError if there is none (checked by the CLIs
+    before they create any output directory)."""
+    path = Path(path)
+    if not (path.is_dir() or path.is_file()):
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
 def load_model(path, device=None, dtype: torch.dtype | None = None, tokenizer_path=None) -> LoadedModel:
     """Model (eval mode, on `device`, cast to `dtype` if given) and its tokenizer from `path`."""
-    path = Path(path)
-    if path.is_dir():
-        loaded = _load_export_dir(path)
-    elif path.is_file():
-        loaded = _load_checkpoint_file(path)
-    else:
-        raise UserError(f"checkpoint not found: {path}")
+    path = require_source(path)
+    loaded = _load_export_dir(path) if path.is_dir() else _load_checkpoint_file(path)
     if tokenizer_path is not None:
         loaded.tokenizer = load_tokenizer_file(tokenizer_path)
     if loaded.tokenizer is not None:

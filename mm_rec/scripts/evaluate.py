@@ -19,7 +19,7 @@ import torch
 
 from ..inference.evaluation import (DOMAINS, EXPERTS, evaluate_data_dir, evaluate_files, format_table,
                                     token_byte_lengths)
-from ..inference.loading import load_model
+from ..inference.loading import load_model, require_source
 from ..utils.device import resolve_device
 from ..utils.cli import ArgumentParser
 from ..utils.errors import UserError, run_cli
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     for path in [*args.text, *args.code, *([args.data_dir] if args.data_dir else [])]:
         if not Path(path).exists():
             raise UserError(f"{path} does not exist")
+    require_source(args.checkpoint)
     if args.json:  # a read-only or full destination is found now, not after the evaluation
         check_writable_dir(Path(args.json).parent, "directory of --json")
     device = resolve_device(args.device)

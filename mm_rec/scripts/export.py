@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..inference.export import GUIDE_PT_NAME, prepare_out_dir, save_guide_pt, save_pretrained
-from ..inference.loading import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, load_model
+from ..inference.loading import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, load_model, require_source
 from ..utils.cli import ArgumentParser
 from ..utils.errors import run_cli
 
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     fmt = "both" if args.pt else args.format
+    require_source(args.checkpoint)
     out = prepare_out_dir(args.out)  # a read-only or foreign --out is refused before the model is read
     loaded = load_model(args.checkpoint, device="cpu", dtype=DTYPES[args.dtype], tokenizer_path=args.tokenizer)
     if loaded.tokenizer is None:

@@ -21,7 +21,7 @@ import time
 import torch
 
 from ..inference.generation import TokenStream
-from ..inference.loading import load_model
+from ..inference.loading import load_model, require_source
 from ..utils.device import resolve_device
 from ..inference.sessions import SessionMemoryManager, state_nbytes, validate_session_id
 from ..utils.cli import ArgumentParser
@@ -120,6 +120,7 @@ def run_turn(args, model, tokenizer, device, memory, seen: int):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    require_source(args.checkpoint)
     if args.session is not None:  # a session that cannot be kept is refused before the model is read
         check_writable_dir(args.session_dir, "session directory")
     device = resolve_device(args.device)
