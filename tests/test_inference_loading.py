@@ -114,6 +114,7 @@ def export_dir(tmp_path):
     ("norm_eps", float("nan"), "norm_eps must be a finite number"),
     ("use_fusion", "yes", "use_fusion must be true or false"),
     ("expert_names", "text", "expert_names must be a list"),
+    ("expert_names", [f"e{i}" for i in range(10 ** 5)], "expert_names ['e0', 'e1'"),
 ])
 def test_bad_export_config_is_one_line_naming_file_and_field(export_dir, field, value, words):
     config = json.loads((export_dir / "config.json").read_text())

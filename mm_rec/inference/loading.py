@@ -48,7 +48,7 @@ class LoadedModel:
 _INT_FIELDS = ("vocab_size", "expert_dim", "num_layers", "num_heads", "ffn_dim", "mdi_dim", "alpha_rank",
                "chunk_size", "max_unchunked_len")
 _SIZE_FIELDS = ("vocab_size", "expert_dim", "num_heads", "ffn_dim", "mdi_dim", "alpha_rank")  # they shape weights
-_BLOCK_KEY = re.compile(r"experts\.[^.]+\.blocks\.(\d+)\.")
+_BLOCK_KEY = re.compile(r"experts\.([^.]+)\.blocks\.(\d+)\.")
 _FLOAT_FIELDS = ("alpha_temperature", "dropout", "norm_eps", "init_std")
 _BOOL_FIELDS = ("use_fusion", "tie_embeddings")
 
@@ -87,6 +87,11 @@ def config_from_dict(d: dict, source) -> MMRecConfig:
     raise UserError(f"{source} holds an invalid model config: {problem}")
 
 
+def _short(names) -> str:
+    names = list(names)
+    return repr(names) if len(names) <= 4 else repr(names[:4])[:-1] + f", ... ({len(names)} names)]"
+
+
 def _fmt_shape(shape) -> str:
     return "[" + ", ".join(str(n) for n in shape) + "]"
 
@@ -94,8 +99,13 @@ def _fmt_shape(shape) -> str:
 def check_weights_fit(config: MMRecConfig, shapes: dict, config_source, weights_source) -> None:
     """Refuse weights whose shapes differ from what `config` builds, before anything is allocated
     (the model is built on the meta device), naming the config field that disagrees."""
-    blocks = {int(m.group(1)) for m in map(_BLOCK_KEY.match, shapes) if m}
-    if blocks and config.num_layers != max(blocks) + 1:  # checked first: the meta model builds one module per layer
+    # Checked first, from the names alone: the meta model builds one module per expert and layer.
+    experts = {m.group(1) for m in map(_BLOCK_KEY.match, shapes) if m}
+    if experts and experts != set(config.expert_names):
+        raise UserError(f"{weights_source} cannot be loaded into the model of {config_source}: expert_names "
+                        f"{_short(config.expert_names)} do not match the weights' experts {sorted(experts)}")
+    blocks = {int(m.group(2)) for m in map(_BLOCK_KEY.match, shapes) if m}
+    if blocks and config.num_layers != max(blocks) + 1:
         raise UserError(f"{weights_source} cannot be loaded into the model of {config_source}: num_layers "
                         f"({config.num_layers}) does not match the weights ({max(blocks) + 1} layers)")
     with torch.device("meta"):
