@@ -215,8 +215,9 @@ class SessionMemoryManager:
     @contextlib.contextmanager
     def lock(self, session_id: str, wait: bool = True, on_wait=None):
         """Hold the session's exclusive lock (other processes and threads wait, or with wait=False
-        get a UserError). Re-entering it in the same thread is a no-op. on_wait() is called once
-        if the lock is busy, before waiting."""
+        get a UserError). Re-entering it in the same thread is a no-op, so asyncio tasks sharing a
+        thread do not exclude each other: they save with expected_version instead. on_wait() is
+        called once if the lock is busy, before waiting."""
         folder = self.session_dir(session_id)
         path = folder / LOCK_NAME
         held = _held.__dict__.setdefault("paths", set())
