@@ -96,9 +96,9 @@ def _fmt_shape(shape) -> str:
     return "[" + ", ".join(str(n) for n in shape) + "]"
 
 
-def check_weights_fit(config: MMRecConfig, shapes: dict, config_source, weights_source) -> None:
-    """Refuse weights whose shapes differ from what `config` builds, before anything is allocated
-    (the model is built on the meta device), naming the config field that disagrees."""
+def meta_model(config: MMRecConfig, shapes: dict, config_source, weights_source) -> MMRec100M:
+    """The model of `config` on the meta device (nothing allocated), after refusing weights whose
+    names or shapes it does not have, naming the config field that disagrees."""
     # Checked first, from the names alone: the meta model builds one module per expert and layer.
     experts = {m.group(1) for m in map(_BLOCK_KEY.match, shapes) if m}
     if experts and experts != set(config.expert_names):
@@ -109,7 +109,8 @@ def check_weights_fit(config: MMRecConfig, shapes: dict, config_source, weights_
         raise UserError(f"{weights_source} cannot be loaded into the model of {config_source}: num_layers "
                         f"({config.num_layers}) does not match the weights ({max(blocks) + 1} layers)")
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in MMRec100M(config=config).state_dict().items()}
+        model = MMRec100M(config=config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for name, shape in shapes.items():
         want = expected.get(name)
         if want is None or tuple(shape) == want:
@@ -120,6 +121,7 @@ def check_weights_fit(config: MMRecConfig, shapes: dict, config_source, weights_
         what = ", ".join(f"{f} ({getattr(config, f)})" for f in fields) or "its sizes"
         raise UserError(f"{weights_source} cannot be loaded into the model of {config_source}: {what} does not "
                         f"match the weights ({name} is {_fmt_shape(shape)}, the config makes it {_fmt_shape(want)})")
+    return model
 
 
 def check_finite(state_dict: dict, source) -> None:
@@ -141,16 +143,18 @@ def fusion_is_trained(state_dict: dict) -> bool:
                for name, make in identity.items())
 
 
-def build_model(config: MMRecConfig, state_dict: dict, source, use_fusion: bool | None = None) -> MMRec100M:
-    check_weights_fit(config, {k: tuple(v.shape) for k, v in state_dict.items() if torch.is_tensor(v)},
-                      source, source)
+def build_model(config: MMRecConfig, state_dict: dict, source, use_fusion: bool | None = None,
+                config_source=None) -> MMRec100M:
+    """The model of `config` holding `state_dict`'s tensors (assigned, not copied: no random
+    initialisation to overwrite), after checking they fit it and are finite."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    model = meta_model(config, shapes, config_source or source, source)
     check_finite(state_dict, source)
-    model = MMRec100M(config=config)
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise UserError(f"weights in {source} do not fit its config ({first})") from None
+        raise UserError(f"weights in {source} do not fit the model of {config_source or source} ({first})") from None
     if use_fusion is not None:
         model.use_fusion = bool(use_fusion)
     return model.eval()
@@ -243,7 +247,6 @@ def _load_checkpoint_file(path: Path) -> LoadedModel:
 
 
 def _load_export_dir(path: Path) -> LoadedModel:
-    from safetensors import safe_open
     from safetensors.torch import load_file
     weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
     if not weights.is_file() or not config_file.is_file():
@@ -255,35 +258,12 @@ def _load_export_dir(path: Path) -> LoadedModel:
         raise UserError(f"{config_file} is not readable JSON ({e})") from None
     config = config_from_dict(config_dict, config_file)
     try:
-        with safe_open(str(weights), framework="pt") as f:  # the header only: shapes before any allocation
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:
+        state_dict = load_file(str(weights))
+    except Exception as e:  # truncated, not safetensors
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{weights} is corrupt or not a safetensors file ({first})") from None
-    check_weights_fit(config, shapes, config_file, weights)
-    try:
-        state_dict = load_file(str(weights))
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{weights} is corrupt ({first})") from None
-    check_finite(state_dict, weights)
-    model = MMRec100M(config=config)
-    # save_model dropped one of each pair of tied tensors; loading it into the model restores the tie.
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = {name for name in missing if _is_tied(model, name, state_dict)}
-    if unexpected or set(missing) - tied:
-        names = ", ".join([*unexpected, *sorted(set(missing) - tied)][:3])
-        raise UserError(f"{weights} cannot be loaded into the model of {config_file} (keys that do not fit: {names})")
-    if "use_fusion" in config_dict:
-        model.use_fusion = config.use_fusion
-    else:  # a hand-written config.json: ask the weights
-        model.use_fusion = fusion_is_trained(state_dict)
+    # a hand-written config.json without use_fusion: the weights say whether fusion was trained
+    use_fusion = config.use_fusion if "use_fusion" in config_dict else fusion_is_trained(state_dict)
+    model = build_model(config, state_dict, weights, use_fusion, config_source=config_file)
     tokenizer = load_tokenizer_file(path / TOKENIZER_NAME) if (path / TOKENIZER_NAME).is_file() else None
-    return LoadedModel(model.eval(), tokenizer, path)
-
-
-def _is_tied(model, name: str, state_dict: dict) -> bool:
-    """`name` is missing from the file but shares its storage with a parameter that was loaded."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    target = params.get(name)
-    return target is not None and any(other in state_dict and p is target for other, p in params.items())
+    return LoadedModel(model, tokenizer, path)
