@@ -150,6 +150,8 @@ def build_model(config: MMRecConfig, state_dict: dict, source, use_fusion: bool 
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     model = meta_model(config, shapes, config_source or source, source)
     check_finite(state_dict, source)
+    # float32 as MMRec100M builds it, whatever the file stores (a bfloat16 export); load_model's dtype casts after
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:
