@@ -98,11 +98,12 @@ def test_save_pretrained_round_trip_in_bfloat16(tmp_path):
     assert size("bf16") < 0.6 * size("fp32")
     loaded = MMRec100M.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
     assert torch.equal(loaded.embedding.weight, model.embedding.weight.bfloat16().float())
+    assert MMRec100M.from_pretrained(tmp_path / "bf16").embedding.weight.dtype == torch.float32  # as built
 
 
 def test_export_errors(tmp_path):
     code, _, err = _export(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")])
-    assert code == 2 and err.startswith("error: checkpoint not found")
+    assert code == 2 and err.startswith("error: checkpoint not found") and not (tmp_path / "o").exists()
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     code, _, err = _export(["--checkpoint", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "o")])
     assert code == 2 and "corrupt" in err

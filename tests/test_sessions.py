@@ -1,5 +1,4 @@
 """Session memory: exact round trip, continuation == uninterrupted, id validation, clear errors."""
-import json
 
 import pytest
 import torch
@@ -95,12 +94,13 @@ def test_missing_corrupt_and_mismatched_sessions_give_clear_errors(tmp_path):
     with pytest.raises(UserError, match="different model"):
         sessions.load_state("s", config=other.config)
 
-    state_file = tmp_path / "s" / "state.safetensors"
-    state_file.write_bytes(state_file.read_bytes()[:40])  # truncated
+    state_file = tmp_path / "s" / "session.safetensors"  # state and metadata are one file
+    whole = state_file.read_bytes()
+    state_file.write_bytes(whole[:-40])  # truncated tensors
     with pytest.raises(UserError, match="corrupt"):
         sessions.load_state("s", config=model.config)
 
-    (tmp_path / "s" / "metadata.json").write_text("{not json")
+    state_file.write_bytes(whole[:40])  # truncated header
     with pytest.raises(UserError, match="corrupt"):
         sessions.load_state("s")
 
@@ -115,7 +115,7 @@ def test_shape_check_without_hash(tmp_path):
     model = tiny_model()
     sessions = SessionMemoryManager(tmp_path)
     sessions.serialize_state("s", model.init_memory_states(1))
-    meta = json.loads((tmp_path / "s" / "metadata.json").read_text())
+    meta = sessions.load_metadata("s")
     assert meta["config_hash"] is None
     with pytest.raises(UserError, match="does not fit|shapes"):
         sessions.load_state("s", config=tiny_model(num_layers=3).config)

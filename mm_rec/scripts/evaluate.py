@@ -19,10 +19,11 @@ import torch
 
 from ..inference.evaluation import (DOMAINS, EXPERTS, evaluate_data_dir, evaluate_files, format_table,
                                     token_byte_lengths)
-from ..inference.loading import load_model
+from ..inference.loading import load_model, require_source
 from ..utils.device import resolve_device
 from ..utils.cli import ArgumentParser
 from ..utils.errors import UserError, run_cli
+from ..utils.fileio import atomic_write_text, check_writable_dir
 
 DEFAULT_SEQ_LEN = 512
 
@@ -54,6 +55,8 @@ def training_data_dir(loaded) -> Path:
     """No data flags: the validation split the checkpoint's training run used (its --data_dir, or
     the bundled default corpus it was built from)."""
     train_args = loaded.train_args or {}
+    if not isinstance(train_args.get("data_dir"), (str, type(None))):
+        raise UserError(f"{loaded.source}: train_args['data_dir'] is not a path; give --data_dir DIR or --text/--code FILE...")
     if "data_dir" not in train_args or train_args.get("synthetic"):
         why = "it was trained on synthetic tokens" if train_args.get("synthetic") else "it has no record of its training data"
         raise UserError(f"nothing to evaluate: {loaded.source} names no data ({why}); "
@@ -70,10 +73,15 @@ def training_data_dir(loaded) -> Path:
 def training_seq_len(loaded) -> int | None:
     """The training run's --seq_len, else its stage's (the schedule of its --preset)."""
     train_args = loaded.train_args or {}
-    if train_args.get("seq_len"):
-        return int(train_args["seq_len"])
+    seq_len = train_args.get("seq_len")
+    if seq_len is not None and (not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1):
+        raise UserError(f"{loaded.source}: train_args['seq_len'] is {seq_len!r}, not a positive integer; "
+                        "pass --seq_len N")
+    if seq_len:
+        return seq_len
     from ..training.stages import SCHEDULES
-    spec = SCHEDULES.get(train_args.get("preset", ""), {}).get(loaded.stage or "")
+    preset = train_args.get("preset")
+    spec = SCHEDULES.get(preset, {}).get(loaded.stage or "") if isinstance(preset, str) else None
     return spec.seq_len if spec is not None else None
 
 
@@ -88,6 +96,9 @@ def main(argv=None) -> int:
     for path in [*args.text, *args.code, *([args.data_dir] if args.data_dir else [])]:
         if not Path(path).exists():
             raise UserError(f"{path} does not exist")
+    require_source(args.checkpoint)
+    if args.json:  # a read-only or full destination is found now, not after the evaluation
+        check_writable_dir(Path(args.json).parent, "directory of --json")
     device = resolve_device(args.device)
     autocast_dtype = torch.bfloat16 if args.bf16 else None
 
@@ -131,9 +142,7 @@ def main(argv=None) -> int:
                   "data_dir": args.data_dir, "max_batches": args.max_batches,
                   "batch_size": args.batch_size if args.data_dir else 1,
                   "results": [r.to_dict() for r in results]}
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

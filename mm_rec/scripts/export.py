@@ -15,19 +15,36 @@ from pathlib import Path
 
 import torch
 
-from ..inference.export import GUIDE_PT_NAME, save_guide_pt, save_pretrained
-from ..inference.loading import load_model
+from ..inference.export import GUIDE_PT_NAME, prepare_out_dir, save_guide_pt, save_pretrained
+from ..inference.loading import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, load_model, require_source
 from ..utils.cli import ArgumentParser
-from ..utils.errors import UserError, run_cli
+from ..utils.errors import run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def write_safetensors(loaded, out: Path) -> list[Path]:
+    save_pretrained(loaded.model, out, loaded.tokenizer)
+    return [out / WEIGHTS_NAME, out / CONFIG_NAME] + ([out / TOKENIZER_NAME] if loaded.tokenizer is not None else [])
+
+
+def write_guide_pt(loaded, out: Path) -> list[Path]:
+    return [save_guide_pt(loaded.model, out / GUIDE_PT_NAME, loaded.tokenizer)]
+
+
+# --format NAME -> the writers it runs, in order
+FORMATS = {
+    "safetensors": (write_safetensors,),
+    "pt": (write_guide_pt,),
+    "both": (write_safetensors, write_guide_pt),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m mm_rec.scripts.export", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported model directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "pt", "both"],
+    p.add_argument("--format", default="safetensors", choices=list(FORMATS),
                    help="safetensors directory (default), the guide's mmrec_100m_final.pt, or both")
     p.add_argument("--pt", action="store_true", help="same as --format both")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
@@ -39,21 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     fmt = "both" if args.pt else args.format
+    require_source(args.checkpoint)
+    out = prepare_out_dir(args.out)  # a read-only or foreign --out is refused before the model is read
     loaded = load_model(args.checkpoint, device="cpu", dtype=DTYPES[args.dtype], tokenizer_path=args.tokenizer)
     if loaded.tokenizer is None:
         print(f"warning: {args.checkpoint} has no tokenizer (synthetic-data run?); exporting the weights "
               "without tokenizer.json (pass --tokenizer PATH to include one)", file=sys.stderr)
-    written = []
-    try:
-        if fmt in ("safetensors", "both"):
-            out = save_pretrained(loaded.model, args.out, loaded.tokenizer)
-            written += [out / "model.safetensors", out / "config.json"]
-            if loaded.tokenizer is not None:
-                written.append(out / "tokenizer.json")
-        if fmt in ("pt", "both"):
-            written.append(save_guide_pt(loaded.model, Path(args.out) / GUIDE_PT_NAME, loaded.tokenizer))
-    except OSError as e:
-        raise UserError(f"cannot write to {args.out} ({e.strerror or e})") from None
+    written = [path for write in FORMATS[fmt] for path in write(loaded, out)]
     model = loaded.model
     print(f"exported {loaded.source} ({model.get_num_params() / 1e6:.1f}M params, {args.dtype}, "
           f"fusion {'on' if model.use_fusion else 'off'}):")
