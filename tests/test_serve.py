@@ -382,3 +382,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: checkpoint not found")
     assert run_cli(serve_cli.main, ["--checkpoint", "x", "--max_tokens", "0"]) == 2
     assert "--max_tokens" in capsys.readouterr().err
+
+
+def test_bench_serve_smoke(tmp_path):
+    out = tmp_path / "serve.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--smoke", "--json", str(out)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["streams"] for r in result["streams"]] == [1, 4]
+    for r in result["streams"]:  # every stream got its tokens (ignore_eos: exactly max_tokens each)
+        assert r["completion_tokens"] == r["streams"] * 8 and r["tokens_per_s"] > 0
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and 0 < r["itl_p50_ms"] <= r["itl_p99_ms"]
+    assert result["idle_sessions"]["sessions"] == 20 and result["idle_sessions"]["hot_sessions"] == 20
+    assert result["idle_sessions"]["disk_bytes"] > 0
+    assert [r["context"] for r in result["contexts"]] == [64, 512]
+    assert all(r["completion_tokens"] == 8 for r in result["contexts"])
+    assert "streams" in proc.stdout and "idle sessions" in proc.stdout

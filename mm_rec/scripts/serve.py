@@ -96,5 +96,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The mmrec-serve command."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

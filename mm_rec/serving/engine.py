@@ -21,7 +21,8 @@ its final state covers everything generated; that state goes back with the "done
 caller saves it before it answers. Rows never mix inside a step, so a request decodes the same
 tokens alone or in any batch.
 
-Events, delivered on the request's asyncio loop: ("token", text, token_id), ("done", Finished),
+Events, delivered on the request's asyncio loop: ("token", text, token_id) for every new token (its
+text empty while a character or a possible stop string is incomplete), ("done", Finished),
 ("error", message).
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False    # keep going after end-of-text (benchmarks: a fixed number of tokens)
 
 
 @dataclass
@@ -103,9 +105,18 @@ class Request:
     finish_reason: str | None = None      # set when the last token is out; one step later for keep_state
     generator: torch.Generator | None = None
     detok: IncrementalDetokenizer | None = None
+    outbox: list | None = None            # the engine's events of this step, delivered together
 
     def emit(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.outbox is not None:
+            self.outbox.append((self, event))
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+def _deliver(batch) -> None:
+    for request, event in batch:
+        request.events.put_nowait(event)
 
 
 class EngineUnavailable(Exception):
@@ -130,6 +141,7 @@ class Engine:
         self.closing = False
         self.thread: threading.Thread | None = None
         self._ids = itertools.count()
+        self._outbox: list = []
         self.steps = 0
 
     # -- control (any thread) ----------------------------------------------------------------------
@@ -172,6 +184,7 @@ class Engine:
                     self._prefill_some()
                     for expert in list(self.rows):
                         self._decode(expert)
+                    self._flush()
         except Exception as e:  # a bug or a device fault: fail every request rather than hang them
             log.exception("engine loop failed")
             self._fail_all(f"the engine failed ({type(e).__name__}); see the server log")
@@ -200,6 +213,7 @@ class Engine:
         if r.sampling.seed is not None:
             r.generator = torch.Generator(device=self.device).manual_seed(r.sampling.seed)
         r.detok = IncrementalDetokenizer(self.tokenizer)
+        r.outbox = self._outbox
         if r.state is not None:
             r.work_state = r.state.with_experts(active, self.model).to(self.device, self.state_dtype)
         else:
@@ -292,26 +306,32 @@ class Engine:
             self._keep_rows(expert, [i for i in range(len(rows)) if i not in set(leave)])
 
     def _sample(self, logits: torch.Tensor, rows: list[Request], which: list[int]) -> dict[int, int]:
+        """One token for each row in `which`: greedy rows by one argmax over the batch, sampled rows
+        in groups of equal settings (one call per group), a seeded row with its own generator."""
         if not which:
             return {}
-        greedy = logits.argmax(-1)
-        picked = {}
+        tokens = logits.argmax(-1)
+        groups: dict[tuple, list[int]] = {}
         for i in which:
             s = rows[i].sampling
             if s.temperature > 0:
-                picked[i] = sample_next_token(logits[i:i + 1], s.temperature, s.top_k, s.top_p, rows[i].generator)[0]
-        if picked:
-            greedy = greedy.clone()
-            idx = list(picked)
-            greedy[idx] = torch.stack([picked[i] for i in idx])
-        values = greedy.tolist()  # the one host sync of the step
+                key = (i,) if rows[i].generator is not None else (s.temperature, s.top_k, s.top_p)
+                groups.setdefault(key, []).append(i)
+        if groups:
+            tokens = tokens.clone()
+            for members in groups.values():
+                s = rows[members[0]].sampling
+                idx = torch.tensor(members, device=logits.device)
+                tokens[idx] = sample_next_token(logits.index_select(0, idx), s.temperature, s.top_k, s.top_p,
+                                                rows[members[0]].generator)
+        values = tokens.tolist()  # the one host sync of the step
         return {i: values[i] for i in which}
 
     def _accept(self, r: Request, token: int) -> None:
         """A new token: text out (holding back what could start a stop string), finish checks."""
         r.generated.append(token)
         r.next_input = token
-        if token == self.tokenizer.eot_id:
+        if token == self.tokenizer.eot_id and not r.sampling.ignore_eos:
             r.finish_reason = "stop"
         else:
             r.text += r.detok.add(token)
@@ -323,9 +343,8 @@ class Engine:
             r.finish_reason = "length"
         hold = 0 if r.finish_reason else max((len(s) - 1 for s in r.sampling.stop), default=0)
         upto = max(r.sent, len(r.text) - hold)
-        if upto > r.sent:
-            r.emit("token", r.text[r.sent:upto], token)
-            r.sent = upto
+        r.emit("token", r.text[r.sent:upto], token)  # one event per token, its text possibly empty
+        r.sent = upto
 
     def _finish(self, r: Request, state: RecurrentState | None) -> None:
         if r.sent < len(r.text):
@@ -334,8 +353,22 @@ class Engine:
         r.emit("done", Finished(r.finish_reason, len(r.prompt_ids), len(r.generated), list(r.generated),
                                 r.text, state))
 
+    def _flush(self) -> None:
+        """Hand the step's events to their event loops: one wake-up per loop and step, not one per
+        token (at 256 streams that is what the event loop can keep up with)."""
+        if not self._outbox:
+            return
+        by_loop: dict = {}
+        for request, event in self._outbox:
+            by_loop.setdefault(request.loop, []).append((request, event))
+        self._outbox.clear()
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, batch)
+
     def _fail_all(self, message: str) -> None:
+        self._flush()
         for r in self.prefilling + [r for rows in self.rows.values() for r in rows]:
+            r.outbox = None
             r.emit("error", message)
         self.prefilling, self.rows, self.batch_state = [], {}, {}
         while True:

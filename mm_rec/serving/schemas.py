@@ -53,6 +53,7 @@ class _Common(BaseModel):
     expert: Literal["text", "code", "fused"] = "fused"
     session_id: str | None = None     # or the X-Session-Id header
     return_token_ids: bool = False    # add the generated token ids to the choice (as vLLM does)
+    ignore_eos: bool = False          # go on after end-of-text (as vLLM names it; for benchmarks)
 
     def check(self, max_tokens_limit: int) -> None:
         """Values out of range -> 400 naming the field."""
