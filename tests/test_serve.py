@@ -256,6 +256,28 @@ def test_sixteen_concurrent_clients_get_the_sequential_outputs(server, reference
     assert server.engine.steps - steps_before < sum(len(s) + 1 for s in sequential)
 
 
+def test_batching_through_the_decode_graph_buffers(checkpoint, tmp_path, reference):
+    """The engine on DecodeStep's graphed path (emulated on the CPU: the same static buffers, bucket
+    padding and loads as CUDA graph replays): rows joining and leaving give every request the
+    tokens it gets alone."""
+    from mm_rec.inference.decode import DecodeStep
+    _, tok = reference
+    prompts = [prompt_ids(reference, "The whale " * (1 + i % 4))[: 3 + 5 * i] for i in range(10)]
+    with ServerThread(checkpoint, tmp_path, "--prefill_chunk", "8") as s:
+        s.engine.step = DecodeStep(s.engine.model, emulate=True)
+
+        async def run():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as http:
+                return await asyncio.gather(*[http.post("/v1/completions", json={
+                    "model": "mm-rec", "prompt": p, "max_tokens": 4 + i, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}) for i, p in enumerate(prompts)])
+
+        outs = [r.json()["choices"][0]["token_ids"] for r in asyncio.run(run())]
+        assert s.engine.step.graphs
+    for i, (p, out) in enumerate(zip(prompts, outs)):
+        assert out == greedy_ids(reference, p, 4 + i)
+
+
 def test_a_client_that_disconnects_frees_its_row(server):
     with httpx.Client(base_url=server.url, timeout=60) as http:
         body = {"model": "mm-rec", "prompt": "The", "max_tokens": 64, "temperature": 1.0, "stream": True,

@@ -45,24 +45,44 @@ class CudaGraphStep:
     state over the old one, so consecutive calls decode on without any other copy."""
 
     def __init__(self, model, batch_size: int, expert_type: str | None = None,
-                 state_dtype: torch.dtype = torch.float32, pool=None, warmup_steps: int = 3):
+                 state_dtype: torch.dtype = torch.float32, pool=None, warmup_steps: int = 3,
+                 emulate: bool = False):
+        """emulate=True (tests without CUDA): no graph; each call runs model.step eagerly on the
+        static buffers and writes its outputs into static output buffers, which is what a replay
+        does, so the buffer handling around the graph is exercised on any device."""
         device = next(model.parameters()).device
-        if device.type != "cuda":
+        if device.type != "cuda" and not emulate:
             raise ValueError("CudaGraphStep needs the model on a CUDA device")
         self.batch_size, self.expert_type = batch_size, expert_type
         self.ids = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.state = RecurrentState.zeros(model, batch_size, model._experts_for(expert_type), device, state_dtype)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.inference_mode():  # warm-up before capture, as torch requires
-            for _ in range(warmup_steps):
-                model.step(self.ids, self.state.to_memory_states(), expert_type=expert_type)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
-            self.logits, new = model.step(self.ids, self.state.to_memory_states(), expert_type=expert_type)
+        step = lambda: model.step(self.ids, self.state.to_memory_states(), expert_type=expert_type)
+        if emulate:
+            with torch.inference_mode():
+                logits, new = step()
+            self.logits, new = logits.clone(), RecurrentState.from_memory_states(new).clone()
+            self._src = new.tensors()
+
+            def replay():
+                out_logits, out = step()
+                self.logits.copy_(out_logits)
+                torch._foreach_copy_(self._src, RecurrentState.from_memory_states(out).tensors())
+            self._replay = replay
+        else:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), torch.inference_mode():  # warm-up before capture, as torch requires
+                for _ in range(warmup_steps):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: a server captures a new bucket in its engine thread while other threads
+            # may be copying session states to and from the device; only this thread's calls are checked.
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"), torch.inference_mode():
+                self.logits, new = step()
+            self._src = RecurrentState.from_memory_states(new).tensors()
+            self._replay = self.graph.replay
         self._dst = self.state.tensors()
-        self._src = RecurrentState.from_memory_states(new).tensors()
 
     def load(self, state: RecurrentState) -> None:
         self.state.copy_(state)
@@ -72,7 +92,7 @@ class CudaGraphStep:
         """ids [n <= batch_size] -> logits [n, vocab] (a view); the state advances in place."""
         n = ids.shape[0]
         self.ids[:n].copy_(ids)
-        self.graph.replay()
+        self._replay()
         torch._foreach_copy_(self._dst, self._src)
         return self.logits[:n]
 
@@ -89,14 +109,16 @@ class DecodeStep:
     """(ids [n], state of n rows, expert_type) -> (logits [n, vocab], new state): graphed on CUDA,
     eager elsewhere. See the module docstring for the lifetime of what it returns."""
 
-    def __init__(self, model, use_cuda_graphs: bool | None = None):
+    def __init__(self, model, use_cuda_graphs: bool | None = None, emulate: bool = False):
+        """emulate=True: the graphed path's buffers without CUDA (CudaGraphStep's emulate), for tests."""
         self.model = model
         device = next(model.parameters()).device
         if use_cuda_graphs is None:
             use_cuda_graphs = cuda_graphs_enabled()
-        self.graphed = bool(use_cuda_graphs and device.type == "cuda" and torch.cuda.is_available())
+        self.emulate = emulate
+        self.graphed = emulate or bool(use_cuda_graphs and device.type == "cuda" and torch.cuda.is_available())
         self.graphs: dict[tuple, CudaGraphStep] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
+        self.pool = torch.cuda.graph_pool_handle() if self.graphed and not emulate else None
         self._key = self._model_key()
 
     def _model_key(self):
@@ -107,7 +129,8 @@ class DecodeStep:
     def graph(self, n: int, expert_type, state_dtype) -> CudaGraphStep:
         key = (expert_type, bucket_for(n), state_dtype)
         if key not in self.graphs:
-            self.graphs[key] = CudaGraphStep(self.model, key[1], expert_type, state_dtype, pool=self.pool)
+            self.graphs[key] = CudaGraphStep(self.model, key[1], expert_type, state_dtype, pool=self.pool,
+                                             emulate=self.emulate)
         return self.graphs[key]
 
     def warmup(self, batch_sizes, expert_types=("fused",), state_dtype=torch.float32) -> None:
