@@ -291,10 +291,14 @@ class Server:
     async def serve(self, http: HTTPRequest, body, prompt, chat: bool) -> Response:
         turn = Turn(self, body, prompt, chat, http)
         try:
-            await turn.begin()
+            # (waiting for its session's previous turn, a client may give up: then nothing runs)
+            started = await _until_disconnected(turn.begin(), http)
         except BaseException:
             await turn.close()
             raise
+        if not started:
+            await turn.close()
+            return Response(status_code=499)
         if body.stream:
             return TurnStreamingResponse(turn)
         try:
