@@ -182,6 +182,15 @@ def test_seed_and_stop(server):
         assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_prompts_are_not_logged_unless_asked(server, caplog):
+    caplog.set_level("DEBUG")
+    out = client(server).completions.create(model="mm-rec", prompt="Ahab whispered the secret", max_tokens=3,
+                                            temperature=0)
+    assert out.usage.completion_tokens == 3
+    assert "prompt_tokens=" in caplog.text  # the request is logged ...
+    assert "secret" not in caplog.text     # ... without its text
+
+
 # -- sessions ----------------------------------------------------------------------------------------------
 
 def test_session_turns_equal_one_long_request(server, reference):
