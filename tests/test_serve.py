@@ -219,6 +219,21 @@ def test_session_turns_equal_one_long_request(server, reference):
         assert http.get("/v1/sessions/chat-1").status_code == 404
 
 
+def test_chat_session_reads_only_the_new_messages(server, reference):
+    _, tok = reference
+    c = client(server)
+    ask = lambda text: c.chat.completions.create(
+        model="mm-rec", messages=[{"role": "user", "content": text}], max_tokens=4, temperature=0,
+        extra_body={"return_token_ids": True}, extra_headers={"X-Session-Id": "chat-2"})
+    first, second = ask("Who watched?"), ask("And then?")
+    turn1 = [tok.eot_id] + tok.encode("User: Who watched?\n\nAssistant:")
+    turn2 = tok.encode("\n\nUser: And then?\n\nAssistant:")
+    assert second.usage.prompt_tokens == len(turn2)
+    history = turn1 + first.choices[0].model_extra["token_ids"] + turn2
+    got = second.choices[0].model_extra["token_ids"]
+    assert got == greedy_ids(reference, history, 4)[:len(got)]
+
+
 def test_two_requests_on_one_session_are_served_in_turn(server, reference):
     _, tok = reference
     body = {"model": "mm-rec", "temperature": 0, "return_token_ids": True, "session_id": "pair"}
