@@ -158,7 +158,8 @@ class Turn:
                 elif kind == "cancelled":
                     return
                 else:
-                    raise APIError(503, event[1], code="engine_unavailable")
+                    status = event[2] if len(event) > 2 else 503
+                    raise APIError(status, event[1], code="engine_unavailable" if status == 503 else None)
             yield out
 
     async def _done(self, finished: Finished) -> None:

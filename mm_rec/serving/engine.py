@@ -23,7 +23,7 @@ tokens alone or in any batch.
 
 Events, delivered on the request's asyncio loop: ("token", text, token_id) for every new token (its
 text empty while a character or a possible stop string is incomplete), ("done", Finished),
-("error", message).
+("error", message[, HTTP status, default 503]).
 """
 from __future__ import annotations
 
@@ -111,12 +111,19 @@ class Request:
         if self.outbox is not None:
             self.outbox.append((self, event))
         else:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            _post(self.loop, _deliver, [(self, event)])
 
 
 def _deliver(batch) -> None:
     for request, event in batch:
         request.events.put_nowait(event)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn, arg) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, arg)
+    except RuntimeError:  # the loop is closed: the server stopped, nobody is waiting any more
+        pass
 
 
 class EngineUnavailable(Exception):
@@ -205,7 +212,12 @@ class Engine:
             if item is None:
                 return False
             if item is not False:
-                self._start(item)
+                try:
+                    self._start(item)
+                except Exception as e:  # this request's own fault (e.g. a state that does not fit): it alone fails
+                    log.warning("%s could not start: %s: %s", item.id, type(e).__name__, e)
+                    item.outbox = None
+                    item.emit("error", f"the request could not start ({type(e).__name__})", 500)
             idle = False
 
     def _start(self, r: Request) -> None:
@@ -363,7 +375,7 @@ class Engine:
             by_loop.setdefault(request.loop, []).append((request, event))
         self._outbox.clear()
         for loop, batch in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, batch)
+            _post(loop, _deliver, batch)
 
     def _fail_all(self, message: str) -> None:
         self._flush()
