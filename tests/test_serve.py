@@ -302,6 +302,36 @@ def test_batching_through_the_decode_graph_buffers(checkpoint, tmp_path, referen
         assert out == greedy_ids(reference, p, 4 + i)
 
 
+def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(reference):
+    """The engine's loop, run by hand: a long prompt advances one chunk per iteration while a short
+    one decodes a token per iteration, and both end with generate's tokens."""
+    from mm_rec.serving.engine import Engine, Request, SamplingParams
+    model, tok = reference
+    engine = Engine(model, tok, prefill_chunk=8)
+    loop = asyncio.new_event_loop()
+    try:
+        short = Request([tok.eot_id] + tok.encode("The whale"), "fused", SamplingParams(max_tokens=10, temperature=0,
+                                                                                         ignore_eos=True), loop)
+        long_ids = (prompt_ids(reference, "Ahab watched the ship, silent. " * 8))[:60]
+        long = Request(long_ids, "fused", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), loop)
+        engine._start(short)
+        engine._start(long)
+        progress = []
+        with torch.inference_mode():
+            for _ in range(12):
+                engine._prefill_some()
+                for expert in list(engine.rows):
+                    engine._decode(expert)
+                progress.append((long.consumed, len(short.generated)))
+    finally:
+        loop.close()
+    # The short prompt (fewer tokens than a chunk) is read in the first iteration; the long one 8 tokens
+    # an iteration (its first chunk shares no length with the other, so it waits one iteration).
+    assert progress[:4] == [(0, 1), (8, 2), (16, 3), (24, 4)]
+    assert short.generated == greedy_ids(reference, short.prompt_ids, 10)
+    assert long.generated == greedy_ids(reference, long_ids, 3)
+
+
 def test_a_client_that_disconnects_frees_its_row(server):
     with httpx.Client(base_url=server.url, timeout=60) as http:
         body = {"model": "mm-rec", "prompt": "The", "max_tokens": 64, "temperature": 1.0, "stream": True,
