@@ -90,8 +90,16 @@ class Turn:
                 state, self._seen = await server.store.load(self.session_id)
             except UserError as e:
                 raise APIError(400, str(e), "session_id", "invalid_session") from None
-        ids = self._prompt_ids(fresh=state is None)
-        if len(ids) > server.settings.max_prompt_tokens:
+        limit = server.settings.max_prompt_tokens
+        chars = len(self.prompt) if isinstance(self.prompt, str) else 0
+        if chars > 64 * limit:  # surely over the limit: refused before any tokenizing
+            raise APIError(413, f"the prompt has {chars} characters, far over this server's limit of {limit} "
+                                "tokens", "prompt", "prompt_too_long")
+        if chars > 20000:  # a long text is tokenized off the event loop
+            ids = await asyncio.to_thread(self._prompt_ids, state is None)
+        else:
+            ids = self._prompt_ids(fresh=state is None)
+        if len(ids) > limit:
             raise APIError(413, f"the prompt has {len(ids)} tokens, over this server's limit of "
                                 f"{server.settings.max_prompt_tokens}", "prompt", "prompt_too_long")
         max_tokens = body.max_tokens
