@@ -302,6 +302,24 @@ def test_batching_through_the_decode_graph_buffers(checkpoint, tmp_path, referen
         assert out == greedy_ids(reference, p, 4 + i)
 
 
+def test_incremental_detokenizers_give_the_tokenizers_decode():
+    """Both incremental decoders (the byte table and the window fallback) end with exactly
+    tokenizer.decode of the tokens, however characters are split over tokens (random ids)."""
+    import random
+    from mm_rec.data.tokenizer import train_tokenizer
+    from mm_rec.serving.engine import ByteDetokenizer, IncrementalDetokenizer
+    tok = train_tokenizer(["The whale surfaced. Çok güzel, naïve café. 日本語のテキスト"] * 20, vocab_size=400)
+    table = ByteDetokenizer.table_for(tok)
+    assert table is not None
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 30))]
+        for detok in (ByteDetokenizer(table), IncrementalDetokenizer(tok)):
+            pieces = [detok.add(i) for i in ids]
+            assert "".join(pieces) + detok.flush() == tok.decode(ids)
+            assert not any(p.endswith("\ufffd") and isinstance(detok, IncrementalDetokenizer) for p in pieces)
+
+
 def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(reference):
     """The engine's loop, run by hand: a long prompt advances one chunk per iteration while a short
     one decodes a token per iteration, and both end with generate's tokens."""

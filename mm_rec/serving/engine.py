@@ -83,6 +83,70 @@ class IncrementalDetokenizer:
             return after[len(before):]
         return ""
 
+    def flush(self) -> str:
+        """The text held back (an incomplete character, shown as U+FFFD), at the end."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        self.read = len(self.ids)
+        return after[len(before):]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte's printable stand-in in a byte-level BPE vocabulary."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class ByteDetokenizer:
+    """IncrementalDetokenizer's output at a fraction of its cost, for byte-level BPE vocabularies
+    (ours): each token's bytes from a table, through Python's incremental UTF-8 decoder (which
+    holds back an incomplete character). At 256 streams the window decoder's two decode calls per
+    token are a large part of the engine's host time."""
+
+    def __init__(self, table: list[bytes]):
+        import codecs
+        self.table = table
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        return self.decoder.decode(self.table[token_id] if token_id < len(self.table) else b"")
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
+
+    @staticmethod
+    def table_for(tokenizer) -> list[bytes] | None:
+        """Every id's bytes, or None when the vocabulary is not plain byte-level BPE (or the table
+        disagrees with the tokenizer's own decode on any token): then the window decoder is used."""
+        hf = getattr(tokenizer, "_tok", None)
+        if hf is None:
+            return None
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+        vocab = hf.get_vocab(with_added_tokens=True)
+        table = [b""] * (max(vocab.values()) + 1)
+        for token, i in vocab.items():
+            if token in special:  # decode() writes them as they are spelled
+                table[i] = token.encode()
+                continue
+            if any(c not in byte_of for c in token):
+                return None
+            table[i] = bytes(byte_of[c] for c in token)
+        for i, raw in enumerate(table):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # a piece of a character: decode() shows it as U+FFFD
+            if text != tokenizer.decode([i]):
+                return None
+        return table
+
 
 @dataclass(eq=False)
 class Request:
@@ -150,6 +214,7 @@ class Engine:
         self._ids = itertools.count()
         self._outbox: list = []
         self.steps = 0
+        self._byte_table = ByteDetokenizer.table_for(tokenizer)
 
     # -- control (any thread) ----------------------------------------------------------------------
     def start(self, warmup_batch_sizes=(1,)) -> None:
@@ -224,7 +289,8 @@ class Engine:
         active = self.model._experts_for(r.expert)
         if r.sampling.seed is not None:
             r.generator = torch.Generator(device=self.device).manual_seed(r.sampling.seed)
-        r.detok = IncrementalDetokenizer(self.tokenizer)
+        r.detok = (ByteDetokenizer(self._byte_table) if self._byte_table is not None
+                   else IncrementalDetokenizer(self.tokenizer))
         r.outbox = self._outbox
         if r.state is not None:
             r.work_state = r.state.with_experts(active, self.model).to(self.device, self.state_dtype)
@@ -346,13 +412,19 @@ class Engine:
         if token == self.tokenizer.eot_id and not r.sampling.ignore_eos:
             r.finish_reason = "stop"
         else:
+            start = len(r.text)
             r.text += r.detok.add(token)
-            stop_at = min((i for i in (r.text.find(s) for s in r.sampling.stop) if i >= 0), default=-1)
-            if stop_at >= 0:
-                r.text = r.text[:stop_at]
-                r.finish_reason = "stop"
+            if r.sampling.stop and len(r.text) > start:
+                stop_at = min((i for i in (r.text.find(s, max(0, start - len(s) + 1)) for s in r.sampling.stop)
+                               if i >= 0), default=-1)
+                if stop_at >= 0:
+                    r.text = r.text[:stop_at]
+                    r.finish_reason = "stop"
+                    r.detok = None  # the text ends at the stop string
         if r.finish_reason is None and len(r.generated) >= r.sampling.max_tokens:
             r.finish_reason = "length"
+        if r.finish_reason is not None and r.detok is not None:
+            r.text += r.detok.flush()  # the text is then exactly the tokenizer's decode of the tokens
         hold = 0 if r.finish_reason else max((len(s) - 1 for s in r.sampling.stop), default=0)
         upto = max(r.sent, len(r.text) - hold)
         r.emit("token", r.text[r.sent:upto], token)  # one event per token, its text possibly empty
