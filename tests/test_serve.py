@@ -476,6 +476,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: checkpoint not found")
     assert run_cli(serve_cli.main, ["--checkpoint", "x", "--max_tokens", "0"]) == 2
     assert "--max_tokens" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run_cli(serve_cli.main, ["--checkpoint", "x", "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1
 
 
 def test_bench_serve_smoke(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 
 import torch
@@ -64,6 +65,22 @@ def check_args(args) -> None:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail in one line before loading the model when the address cannot be listened on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or stop "
+                            "what uses it") from None
+
+
 def build_app(args):
     """The app for these arguments (the model loaded; the engine starts with the app)."""
     from ..serving import Engine, ServerSettings, SessionStore, create_app
@@ -91,6 +108,7 @@ def main(argv=None) -> int:
     check_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
+    check_port_free(args.host, args.port)
     app = build_app(args)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
