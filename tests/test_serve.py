@@ -426,6 +426,28 @@ def test_429_over_the_concurrency_limit_and_503_when_shutting_down(checkpoint, t
         assert http.get("/health").status_code == 503
 
 
+def test_a_full_disk_fails_the_turn_in_openai_json_and_keeps_serving(checkpoint, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        with ServerThread(checkpoint, full) as s, httpx.Client(base_url=s.url, timeout=60) as http:
+            with open(full / "filler", "wb") as f:  # fill the disk after the server's start-up check
+                with pytest.raises(OSError):
+                    for _ in range(64):
+                        f.write(b"\0" * 65536)
+                        f.flush()
+            body = {"model": "mm-rec", "prompt": "The", "max_tokens": 3, "session_id": "s"}
+            error = _error(http.post("/v1/completions", json=body), 500)
+            assert error["code"] == "session_not_saved" and "as it was" in error["message"]
+            assert http.get("/v1/sessions/s").status_code == 404
+            assert [p.name for p in full.iterdir()] == ["filler"]  # no half-written session left behind
+            assert http.post("/v1/completions", json={**body, "session_id": None}).status_code == 200
+    finally:
+        subprocess.run(["umount", str(full)], capture_output=True)
+
+
 # -- restart -----------------------------------------------------------------------------------------------------
 
 def _start_process(checkpoint, session_dir, port):

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..utils.errors import UserError
+from ..utils.fileio import disk_error
 from .engine import Engine, EngineUnavailable, Finished, Request, SamplingParams
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest, error_body, render_chat
 from .session_store import SessionStore
@@ -175,10 +176,13 @@ class Turn:
             total = self._seen + finished.prompt_tokens + finished.completion_tokens
             try:
                 await self.server.store.save(self.session_id, finished.state, total)
-            except UserError as e:
-                log.error("%s: session %s not saved: %s", self.id, self.session_id, e)
-                raise APIError(500, f"the session could not be saved: {e}", "session_id",
-                               "session_not_saved") from None
+            except Exception as e:  # a full or read-only disk: the session stays as it was before the turn
+                if isinstance(e, OSError):
+                    e = disk_error(e, self.server.store.manager.base_dir, "save the session") or e
+                reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                log.error("%s: session %s not saved: %s", self.id, self.session_id, reason)
+                raise APIError(500, f"the session could not be saved ({reason}); it is as it was before this "
+                                    "turn", "session_id", "session_not_saved") from None
         self.finished = finished
         log.info("%s done: %s, %d tokens in %.3fs", self.id, finished.reason, finished.completion_tokens,
                  time.perf_counter() - self._start)
