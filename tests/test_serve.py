@@ -263,8 +263,10 @@ def test_sixteen_concurrent_clients_get_the_sequential_outputs(server, reference
     _, tok = reference
     words = "The whale surfaced near the ship Ahab watched silent def main return".split()
     prompts = [" ".join(words[: 1 + (i * 7) % len(words)]) * (1 + i % 3) for i in range(16)]
-    body = lambda p, i: {"model": "mm-rec", "prompt": p, "max_tokens": 6 + i % 5, "temperature": 0,
-                         "expert": ["fused", "text", "code"][i % 3], "return_token_ids": True}
+    # greedy, and sampled with a seed each (a row's own generator: the same draws in any batch)
+    body = lambda p, i: {"model": "mm-rec", "prompt": p, "max_tokens": 6 + i % 5, "return_token_ids": True,
+                         "expert": ["fused", "text", "code"][i % 3],
+                         **({"temperature": 0} if i % 2 else {"temperature": 0.9, "top_k": 50, "seed": i})}
     with httpx.Client(base_url=server.url, timeout=60) as http:
         sequential = [http.post("/v1/completions", json=body(p, i)).json()["choices"][0]["token_ids"]
                       for i, p in enumerate(prompts)]
