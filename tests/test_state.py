@@ -113,3 +113,21 @@ def test_generate_through_the_graph_buffers_equals_eager():
     # (a padded bucket changes the matmuls' shapes: float64 rounding differs in the last bits)
     torch.testing.assert_close(mem_g.to_memory_states(), mem_e.to_memory_states(), rtol=1e-10, atol=1e-12)
     model.__dict__.pop("_decode_step", None)
+
+
+def test_bench_decode_runs_on_the_cpu(tmp_path):
+    """bench_decode (whose CUDA-graph step is now the package's) still measures on the CPU."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "decode.json"
+    r = subprocess.run([sys.executable, "benchmarks/bench_decode.py", "--device", "cpu", "--preset", "tiny",
+                        "--contexts", "8", "32", "--batch_sizes", "1", "2", "--steps", "2", "--warmup", "1",
+                        "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert sorted((x["context"], x["batch_size"]) for x in rows) == [(8, 1), (8, 2), (32, 1), (32, 2)]
+    assert all(x["mode"] == "eager" and x["median_ms"] > 0 for x in rows)
