@@ -11,7 +11,9 @@ Prompts of different lengths. Left-padding, the Transformer trick, would feed pa
 recurrent state and change it. Instead prompts are grouped by length, each group is prefilled
 exactly on its own, and the per-sequence states are concatenated along the batch dimension (a
 recurrent state has no position in it, so nothing else is needed); decoding then runs the whole
-batch in lockstep. The result equals generating every prompt on its own.
+batch in lockstep. The result equals generating every prompt on its own. States move between
+these pieces as `RecurrentState`s (state.py); each decode step goes through `decode.DecodeStep`, a
+replayed CUDA graph on CUDA (the server's fast path too), `model.step` on the CPU.
 
 Sampling: temperature 0 is greedy (argmax); otherwise softmax(logits / T) restricted to the top_k
 most likely tokens and/or the smallest set whose probability reaches top_p (nucleus), drawn with
