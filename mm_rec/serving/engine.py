@@ -218,7 +218,14 @@ class Engine:
 
     # -- control (any thread) ----------------------------------------------------------------------
     def start(self, warmup_batch_sizes=(1,)) -> None:
+        """Warm up (one prefill, so the first request does not pay the GPU kernels' compilation; the
+        decode graphs for these batch sizes), then run the loop in its thread."""
         with torch.inference_mode():
+            zeros = RecurrentState.zeros(self.model, 1, self.model._experts_for("fused"), self.device,
+                                         self.state_dtype)
+            ids = torch.zeros(1, min(64, self.prefill_chunk), dtype=torch.long, device=self.device)
+            self.model.consume(ids, expert_type="fused", memory_states=zeros.to_memory_states(),
+                               chunk_size=ids.shape[1])
             self.step.warmup(warmup_batch_sizes, ("fused",), self.state_dtype)
         self.thread = threading.Thread(target=self._run, name="mm_rec-engine", daemon=True)
         self.thread.start()
