@@ -91,7 +91,7 @@ def build_app(args):
     tokenizer = loaded.require_tokenizer()
     chunk = args.prefill_chunk or (2048 if device.type == "cuda" else 256)
     state_dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    engine = Engine(loaded.model, tokenizer, prefill_chunk=chunk, max_batch=args.max_concurrent,
+    engine = Engine(loaded.model, tokenizer, prefill_chunk=chunk,
                     state_dtype=state_dtype, use_cuda_graphs=False if args.no_cuda_graphs else None)
     store = SessionStore(args.session_dir, loaded.model, device, max_hot=args.max_hot_sessions)
     settings = ServerSettings(model_name=args.model_name, max_prompt_tokens=args.max_prompt_tokens,

@@ -195,13 +195,12 @@ class EngineUnavailable(Exception):
 
 
 class Engine:
-    def __init__(self, model, tokenizer, prefill_chunk: int = 512, max_batch: int = 256,
+    def __init__(self, model, tokenizer, prefill_chunk: int = 512,
                  state_dtype: torch.dtype = torch.float32, use_cuda_graphs: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.prefill_chunk = prefill_chunk
-        self.max_batch = max_batch
         self.state_dtype = state_dtype
         self.step = DecodeStep(model, use_cuda_graphs)
         self.inbox: queue.Queue = queue.Queue()
