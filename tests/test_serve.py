@@ -234,6 +234,29 @@ def test_chat_session_reads_only_the_new_messages(server, reference):
     assert got == greedy_ids(reference, history, 4)[:len(got)]
 
 
+def test_sessions_keep_the_experts_a_turn_did_not_run_and_survive_eviction(checkpoint, tmp_path, reference):
+    """A session's turns with different experts: an expert that did not run keeps its state (as
+    generate's memory does). With one hot state, every other turn is read back from disk."""
+    model, tok = reference
+    turns = [("text", prompt_ids(reference, "The whale")), ("code", tok.encode(" def main")),
+             ("text", tok.encode(" Ahab")), ("fused", tok.encode(" watched"))]
+    with ServerThread(checkpoint, tmp_path, "--max_hot_sessions", "1") as s, \
+            httpx.Client(base_url=s.url, timeout=60) as http:
+        memory = None
+        for expert, ids in turns:
+            for sid in ("mixed", "other"):  # "other" pushes "mixed" out of the device LRU
+                r = http.post("/v1/completions", json={"model": "mm-rec", "prompt": ids, "max_tokens": 3,
+                                                       "temperature": 0, "expert": expert, "session_id": sid,
+                                                       "return_token_ids": True, "ignore_eos": True})
+                if sid == "mixed":
+                    got = r.json()["choices"][0]["token_ids"]
+            assert http.get("/v1/sessions/mixed").json()["hot"] is False
+            out, memory = generate(model, torch.tensor([ids]), 3, temperature=0, expert_type=expert,
+                                   memory_states=memory, return_memory=True)
+            assert got == out[0, len(ids):].tolist()
+        assert http.get("/v1/sessions/mixed").json()["experts"] == ["text", "code"]
+
+
 def test_two_requests_on_one_session_are_served_in_turn(server, reference):
     _, tok = reference
     body = {"model": "mm-rec", "temperature": 0, "return_token_ids": True, "session_id": "pair"}

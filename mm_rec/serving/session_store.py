@@ -77,7 +77,9 @@ class SessionStore:
             return None, 0
         states = self.manager.load_state(session_id, device=self.device, config=self.config)
         tokens = self.manager.load_metadata(session_id).get("token_count") or 0
-        return RecurrentState.from_memory_states(states), tokens
+        state = RecurrentState.from_memory_states(states)
+        # the model's expert order (a file keeps its keys sorted)
+        return RecurrentState({n: state.experts[n] for n in self.config.expert_names if n in state.experts}), tokens
 
     async def save(self, session_id: str, state: RecurrentState, token_count: int) -> None:
         await asyncio.to_thread(self.manager.serialize_state, session_id, state.to_memory_states(),
