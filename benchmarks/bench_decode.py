@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from mm_rec import MMRec100M, MMRecConfig
-from mm_rec.inference.generation import map_states
+from mm_rec.inference.decode import CudaGraphStep
+from mm_rec.inference.state import RecurrentState
 from mm_rec.model.config import PRESETS
 
 
@@ -71,43 +72,16 @@ def time_steps_interleaved(model, states_by_context: dict, batch: int, steps: in
     return times
 
 
-class CudaGraphStep:
-    """model.step captured once as a CUDA graph for a fixed batch size (--cuda_graph): one graph
-    replay per token instead of ~1.5K small kernel launches, which is what bounds an eager
-    100M-parameter decode step on a GPU. The state lives in static buffers: each call replays
-    the graph and copies the new state over the old one."""
-
-    def __init__(self, model, states: dict, expert_type):
-        batch = next(iter(states.values()))[0]["h"].shape[0]
-        device = next(model.parameters()).device
-        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
-        self.states = map_states(states, lambda t: t.clone())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():  # warm-up before capture, as torch requires
-            for _ in range(3):
-                model.step(self.ids, self.states, expert_type=expert_type)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.logits, new_states = model.step(self.ids, self.states, expert_type=expert_type)
-        flat = lambda st: [t for layers in st.values() for layer in layers for t in layer.values()]
-        self.dst, self.src = flat(self.states), flat(new_states)
-
-    @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        self.ids.copy_(ids)
-        self.graph.replay()
-        torch._foreach_copy_(self.dst, self.src)
-        return self.logits
-
-
 @torch.inference_mode()
 def time_graph_steps(model, states_by_context: dict, batch: int, steps: int, warmup: int, expert_type,
                      device) -> dict:
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, model.config.vocab_size, (warmup + steps, batch), generator=gen).to(device)
-    graphs = {context: CudaGraphStep(model, st, expert_type) for context, st in states_by_context.items()}
+    graphs = {}
+    for context, st in states_by_context.items():
+        state = RecurrentState.from_memory_states(st)
+        graphs[context] = CudaGraphStep(model, batch, expert_type, state.dtype)  # the package's decode graph
+        graphs[context].load(state)
     times = {context: [] for context in graphs}
     for i in range(warmup + steps):
         for context, step in graphs.items():
@@ -196,7 +170,8 @@ def main(argv=None) -> int:
         for context in args.contexts:
             if prefill_rows == "1":
                 base, prefill[context] = prefilled[context]
-                states[context] = map_states(base, lambda t: t.expand(batch, *t.shape[1:]).contiguous())
+                states[context] = RecurrentState.from_memory_states(base).map(
+                    lambda t: t.expand(batch, *t.shape[1:]).contiguous()).to_memory_states()
             else:
                 states[context], prefill[context] = prefill_state(model, context, batch, args.prefill_chunk,
                                                                   args.expert, device)

@@ -21,7 +21,8 @@ SCRIPTS = PYPROJECT["project"]["scripts"]
 
 
 def test_every_cli_has_a_console_script():
-    assert set(SCRIPTS) == {"mmrec-train", "mmrec-prepare-data", "mmrec-evaluate", "mmrec-generate", "mmrec-export"}
+    assert set(SCRIPTS) == {"mmrec-train", "mmrec-prepare-data", "mmrec-evaluate", "mmrec-generate", "mmrec-export",
+                            "mmrec-serve"}
     for target in SCRIPTS.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func))
@@ -47,5 +48,11 @@ def test_torch_floor_is_2_11_and_the_installed_torch_meets_it():
 
 def test_readme_shows_the_cpu_wheel_and_the_plain_install():
     readme = (ROOT / "README.md").read_text()
-    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in readme
-    assert "pip install -e .\n" in readme and 'torch==2.13.0' not in readme
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "`pip install -e .`" in readme  # a GPU user's plain command
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert f"```bash\n{ci}\n```" in readme

@@ -11,7 +11,9 @@ Prompts of different lengths. Left-padding, the Transformer trick, would feed pa
 recurrent state and change it. Instead prompts are grouped by length, each group is prefilled
 exactly on its own, and the per-sequence states are concatenated along the batch dimension (a
 recurrent state has no position in it, so nothing else is needed); decoding then runs the whole
-batch in lockstep. The result equals generating every prompt on its own.
+batch in lockstep. The result equals generating every prompt on its own. States move between
+these pieces as `RecurrentState`s (state.py); each decode step goes through `decode.DecodeStep`, a
+replayed CUDA graph on CUDA (the server's fast path too), `model.step` on the CPU.
 
 Sampling: temperature 0 is greedy (argmax); otherwise softmax(logits / T) restricted to the top_k
 most likely tokens and/or the smallest set whose probability reaches top_p (nucleus), drawn with
@@ -19,9 +21,12 @@ an optional torch.Generator so a seed reproduces a run.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
+
+from .decode import decode_step_for
+from .state import RecurrentState
 
 # -- sampling ---------------------------------------------------------------------------------------
 
@@ -52,32 +57,6 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# -- memory-state plumbing --------------------------------------------------------------------------
-
-
-def map_states(states: dict, fn) -> dict:
-    return {name: [{key: fn(t) for key, t in layer.items()} for layer in layers] for name, layers in states.items()}
-
-
-def select_rows(states: dict | None, rows: torch.Tensor) -> dict | None:
-    return None if states is None else map_states(states, lambda t: t.index_select(0, rows.to(t.device)))
-
-
-def concat_rows(parts: Sequence[dict]) -> dict:
-    first = parts[0]
-    return {name: [{key: torch.cat([p[name][i][key] for p in parts]) for key in layer}
-                   for i, layer in enumerate(layers)] for name, layers in first.items()}
-
-
-def keep_rows_where(mask: torch.Tensor, new: dict, old: dict) -> dict:
-    """new where mask[b] else old, for every state tensor (finished sequences keep their state)."""
-    def pick(name, i, key):
-        n, o = new[name][i][key], old[name][i][key]
-        return torch.where(mask.view(-1, *([1] * (n.dim() - 1))), n, o)
-    return {name: [{key: pick(name, i, key) for key in layer} for i, layer in enumerate(layers)]
-            for name, layers in new.items()}
-
-
 # -- prefill ----------------------------------------------------------------------------------------
 
 
@@ -98,9 +77,9 @@ def _as_prompt_list(input_ids, device) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def prefill(model, prompts: list[torch.Tensor], expert_type=None, memory_states: dict | None = None,
+def prefill(model, prompts: list[torch.Tensor], expert_type=None, memory_states: RecurrentState | None = None,
             chunk_size: int | None = 2048):
-    """Consume the prompts; returns (next-token logits [B, V], states after every prompt token).
+    """Consume the prompts; returns (next-token logits [B, V], RecurrentState after every prompt token).
 
     Each length group runs the experts' parallel forward over all but its last token (chunked, so a
     long prompt's activations stay bounded; no LM head, so no [B, T, vocab] logits) and one step on
@@ -112,21 +91,23 @@ def prefill(model, prompts: list[torch.Tensor], expert_type=None, memory_states:
     logits_parts, state_parts, order = [], [], []
     for length, rows in by_length.items():
         ids = torch.stack([prompts[i] for i in rows])
-        rows_t = torch.tensor(rows, device=ids.device)
-        states = memory_states if len(by_length) == 1 else select_rows(memory_states, rows_t)
+        states = memory_states
+        if states is not None and len(by_length) > 1:
+            states = states.select(rows)
+        states = None if states is None else states.to_memory_states()
         if length > 1:
             states = model.consume(ids[:, :-1], expert_type=expert_type, memory_states=states,
                                    chunk_size=chunk_size)
         logits, states = model.step(ids[:, -1], states, expert_type=expert_type)
         logits_parts.append(logits)
-        state_parts.append(states)
+        state_parts.append(RecurrentState.from_memory_states(states))
         order.extend(rows)
     if len(by_length) == 1:
         return logits_parts[0], state_parts[0]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     inverse = inverse.to(logits_parts[0].device)
-    return torch.cat(logits_parts).index_select(0, inverse), select_rows(concat_rows(state_parts), inverse)
+    return torch.cat(logits_parts).index_select(0, inverse), RecurrentState.concat(state_parts).select(inverse)
 
 
 # -- decoding ---------------------------------------------------------------------------------------
@@ -137,12 +118,16 @@ class TokenStream:
 
     After the iteration `memory_states` holds the state after the prompt and every generated token
     (when `keep_memory`, which costs one extra step to consume the last token), ready to be saved
-    as a session or passed to the next call; `finished` marks sequences that produced end-of-text.
-    Finished sequences keep emitting `eot_id` as padding and their state no longer changes.
+    as a session or passed to the next call, as the model's nested dicts (`state` holds the same
+    as a RecurrentState); `finished` marks sequences that produced end-of-text. Finished sequences
+    keep emitting `eot_id` as padding and their state no longer changes.
+
+    Decode steps run through `decode_step_for(model)`: replayed CUDA graphs on CUDA, eager on CPU.
     """
 
     def __init__(self, model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, expert_type: str | None = None, memory_states: dict | None = None,
+                 top_p: float | None = None, expert_type: str | None = None,
+                 memory_states: dict | RecurrentState | None = None,
                  generator: torch.Generator | None = None, stop_at_eot: bool = False, eot_id: int | None = None,
                  prefill_chunk_size: int | None = 2048, keep_memory: bool = False):
         if max_new_tokens < 0:
@@ -155,23 +140,29 @@ class TokenStream:
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         self.expert_type = expert_type
-        self.input_states = memory_states
+        if isinstance(memory_states, dict):
+            memory_states = RecurrentState.from_memory_states(memory_states) if memory_states else None
+        self.input_state: RecurrentState | None = memory_states
         self.stop_at_eot, self.eot_id = stop_at_eot, eot_id
         self.prefill_chunk_size = prefill_chunk_size
         self.keep_memory = keep_memory
-        self.memory_states: dict | None = None
+        self.state: RecurrentState | None = None
         self.finished = torch.zeros(len(self.prompts), dtype=torch.bool, device=device)
 
-    def _merge_untouched(self, states: dict) -> dict:
-        # An expert that did not run (expert_type="text" on a session holding "code" too) keeps its state.
-        return {**(self.input_states or {}), **states}
+    @property
+    def memory_states(self) -> dict | None:
+        return None if self.state is None else self.state.to_memory_states()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         model, expert = self.model, self.expert_type
+        step = decode_step_for(model)
         # inference_mode is entered around each model call, never across a yield, so the caller's
         # code between tokens runs in its own grad mode.
         with torch.inference_mode():
-            logits, states = prefill(model, self.prompts, expert, self.input_states, self.prefill_chunk_size)
+            logits, state = prefill(model, self.prompts, expert, self.input_state, self.prefill_chunk_size)
+        # Rows that ended (end-of-text consumed): their state as it was then, kept aside while the
+        # batch steps on (their rows then only see padding).
+        frozen_rows, frozen = [], []
         for i in range(self.max_new_tokens):
             with torch.inference_mode():
                 tokens = sample_next_token(logits, **self.sampling)
@@ -184,14 +175,20 @@ class TokenStream:
             if last and not self.keep_memory:
                 return
             with torch.inference_mode():
-                new_logits, new_states = model.step(tokens, states, expert_type=expert)
-                if self.stop_at_eot and not fed_real.all():  # (no host sync when not stopping)
-                    new_states = keep_rows_where(fed_real, new_states, states)
-            logits, states = new_logits, new_states
+                logits, state = step(tokens, state, expert)
+                if self.stop_at_eot and self.keep_memory:
+                    ended = (fed_real & self.finished).nonzero().flatten().tolist()
+                    if ended:
+                        frozen_rows += ended
+                        frozen.append(state.select(ended))
             if last:
                 break
         if self.keep_memory:
-            self.memory_states = self._merge_untouched(states)
+            with torch.inference_mode():
+                state = state.clone()  # off the decode step's buffers (reused by its next call)
+                if frozen_rows:
+                    state = state.replace_rows(frozen_rows, RecurrentState.concat(frozen))
+            self.state = state.merged_into(self.input_state)
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

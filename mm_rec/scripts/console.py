@@ -1,7 +1,7 @@
 """The console scripts of pyproject.toml: each runs a CLI's main through run_cli, so a user error is
 one line (`error: ...`) and exit status 2, as with `python -m mm_rec.scripts.NAME`.
 
-    mmrec-train, mmrec-prepare-data, mmrec-evaluate, mmrec-generate, mmrec-export
+    mmrec-train, mmrec-prepare-data, mmrec-evaluate, mmrec-generate, mmrec-export, mmrec-serve
 
 The scripts' modules are imported when called, so each entry point loads only its own CLI.
 """
@@ -35,3 +35,7 @@ def generate() -> None:
 
 def export() -> None:
     _run("export")
+
+
+def serve() -> None:
+    _run("serve")
