@@ -5,7 +5,8 @@
 
 writes model/model.safetensors, model/config.json and model/tokenizer.json, loadable with
 `MMRec100M.from_pretrained("model/")`; --format pt (or both) writes the guide's
-model/mmrec_100m_final.pt = {'model_state_dict', 'config'} as well (or instead).
+model/mmrec_100m_final.pt = {'model_state_dict', 'config'} as well (or instead); --format hf writes a
+directory Hugging Face transformers loads (mm_rec/hf/export.py).
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m mm_rec.scripts.export", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported model directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "pt", "both"],
-                   help="safetensors directory (default), the guide's mmrec_100m_final.pt, or both")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "pt", "both", "hf"],
+                   help="safetensors directory (default), the guide's mmrec_100m_final.pt, both, or hf: a "
+                        "directory Hugging Face transformers loads (model code included, see README)")
     p.add_argument("--pt", action="store_true", help="same as --format both")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="weight dtype to store (default float32, as trained)")
@@ -52,6 +54,9 @@ def main(argv=None) -> int:
                 written.append(out / "tokenizer.json")
         if fmt in ("pt", "both"):
             written.append(save_guide_pt(loaded.model, Path(args.out) / GUIDE_PT_NAME, loaded.tokenizer))
+        if fmt == "hf":
+            from ..hf.export import save_hf
+            written += save_hf(loaded.model, args.out, loaded.tokenizer)
     except OSError as e:
         raise UserError(f"cannot write to {args.out} ({e.strerror or e})") from None
     model = loaded.model
