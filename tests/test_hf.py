@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import textwrap
 
 import pytest
@@ -101,9 +100,12 @@ def test_tokenizer_starts_texts_with_end_of_text(exported):
 
 def test_logits_and_loss_equal_mm_rec(exported, hf_model):
     model, _, hf_dir, _ = exported
-    # with mm_rec imported its registered class serves trust_remote_code=True too (the shipped copy
-    # runs where mm_rec is absent: test_loads_in_a_process_with_only_transformers_and_torch)
-    assert isinstance(AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True), MMRecForCausalLM)
+    assert isinstance(hf_model, MMRecForCausalLM)  # the class `import mm_rec` registered
+    # trust_remote_code=True: transformers 5 still takes the registered class, 4 the shipped code
+    remote = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    x = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(remote(x).logits, model(x), rtol=0, atol=1e-5)
     hf = hf_model
     x = torch.randint(0, VOCAB, (2, 13))
     with torch.no_grad():
@@ -204,7 +206,7 @@ def test_sampling_matches_mm_rec_distribution_step(exported, hf_model):
 
 def test_loads_in_a_process_with_only_transformers_and_torch(exported, tmp_path):
     model, tok, hf_dir, _ = exported
-    site = [p for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}]
+    site = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.extend({site!r})   # site-packages without running its .pth files (mm_rec's editable finder)
@@ -225,7 +227,7 @@ def test_loads_in_a_process_with_only_transformers_and_torch(exported, tmp_path)
         print(json.dumps({{"ids": ids.tolist(), "logits": logits.tolist(), "generated": out.tolist(),
                            "module": type(model).__module__}}))
     """)
-    env = {"PATH": os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+    env = {"PATH": os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home"),
            "HF_MODULES_CACHE": str(tmp_path / "modules")}
     done = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -124,6 +124,13 @@ def shipped_sources() -> dict[str, str]:
         name = f"{flat[module]}_torch.py" if module == OPS else f"{flat[module]}.py"
         files[name] = header + text
     files[f"{flat_name(OPS)}.py"] = _ops_switch(sorted(ops_names))
+    # transformers 4 copies into its module cache only the files that the modelling file imports
+    # itself (not what those import in turn): it names every shipped file.
+    others = sorted(name[:-3] for name in files if name[:-3] not in ("modeling_mmrec", "configuration_mmrec"))
+    files["modeling_mmrec.py"] += (
+        "\n\n# Every shipped file, so that transformers 4 copies each one beside this file (it copies the\n"
+        "# files this one imports itself, not what they import in turn).\n"
+        + "".join(f"from .{name} import __name__ as _  # noqa: E402,F401\n" for name in others))
     return files
 
 
@@ -137,7 +144,8 @@ def _hf_tokenizer(tokenizer):
     backend = tokenizers.Tokenizer.from_str(tokenizer.to_json())
     backend.post_processor = TemplateProcessing(single=f"{eot} $A", pair=f"{eot} $A {eot} $B",
                                                 special_tokens=[(eot, eot_id)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, pad_token=eot)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, pad_token=eot,
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def hf_config_for(model, tokenizer=None, expert_type: str | None = None):
