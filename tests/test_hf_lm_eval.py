@@ -76,8 +76,17 @@ def reference_loglikelihood(model, tok, context: str, continuation: str) -> floa
     return -(nats_whole - nats_ctx)
 
 
+@pytest.fixture
+def one_thread():
+    """A tiny model's ops are far faster on one thread than fought over by several (a loaded CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_lm_eval_matches_mm_rec(tmp_path, monkeypatch):
+def test_lm_eval_matches_mm_rec(one_thread, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
