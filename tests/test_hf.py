@@ -239,3 +239,20 @@ def test_loads_in_a_process_with_only_transformers_and_torch(exported, tmp_path)
     torch.testing.assert_close(torch.tensor(result["logits"]), model(ids), rtol=0, atol=1e-5)
     ours = model.generate(ids, 8, temperature=0, stop_at_eot=True, eot_id=tok.eot_id)
     assert result["generated"][0][:ours.shape[1]] == ours[0].tolist()
+
+
+def test_beam_search_reorders_the_cache(exported, hf_model):
+    """Beam search picks beams by score and reorders the cache between steps: the returned score of
+    each sequence must be the log-probability mm_rec gives it (a state left with the wrong beam would
+    not give it)."""
+    model, tok, _, _ = exported
+    prompt = torch.tensor(_ids(tok, ["Call me", "def f("]))
+    with torch.no_grad():
+        out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, num_beams=3,
+                                num_return_sequences=2, do_sample=False, length_penalty=0.0, eos_token_id=None,
+                                output_scores=True, return_dict_in_generate=True)
+        T = prompt.shape[1]
+        logp = model(out.sequences[:, :-1]).log_softmax(-1)[:, T - 1:]
+        ours = logp.gather(-1, out.sequences[:, T:, None]).sum((1, 2))
+    assert out.sequences.shape == (4, T + 5)
+    torch.testing.assert_close(out.sequences_scores, ours, rtol=0, atol=1e-4)
