@@ -256,3 +256,41 @@ def test_beam_search_reorders_the_cache(exported, hf_model):
         ours = logp.gather(-1, out.sequences[:, T:, None]).sum((1, 2))
     assert out.sequences.shape == (4, T + 5)
     torch.testing.assert_close(out.sequences_scores, ours, rtol=0, atol=1e-4)
+
+
+def _run_python(code: str, tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", textwrap.dedent(code)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_import_mm_rec_registers_lazily_and_needs_no_transformers(exported, tmp_path):
+    hf_dir = exported[2]
+    # import mm_rec does not import transformers; importing transformers later registers "mmrec"
+    done = _run_python(f"""
+        import sys
+        import mm_rec
+        assert "transformers" not in sys.modules
+        from transformers import AutoConfig, AutoModelForCausalLM
+        config = AutoConfig.from_pretrained({str(hf_dir)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(hf_dir)!r})
+        assert type(model).__module__ == "mm_rec.hf.modeling_mmrec", type(model).__module__
+        print(type(config).__name__)
+    """, tmp_path)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "MMRecHFConfig", done.stderr[-2000:]
+    # without transformers mm_rec imports as before, silently
+    done = _run_python("""
+        import sys
+        sys.modules["transformers"] = None  # as if not installed
+        import mm_rec
+        print(mm_rec.MMRec100M.__name__)
+    """, tmp_path)
+    assert done.returncode == 0 and done.stdout.split() == ["MMRec100M"] and not done.stderr, done.stderr
+
+
+def test_export_hf_errors_are_one_line(exported, tmp_path):
+    ckpt = next(exported[2].parent.glob("*.pt"))
+    (tmp_path / "taken").write_text("a file")
+    code, err = _export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "taken"), "--format", "hf"])
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "is a file" in err
+    assert (tmp_path / "taken").read_text() == "a file"

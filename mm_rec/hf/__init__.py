@@ -56,7 +56,7 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
 
 
 def register_when_imported() -> None:
-    if "transformers" in sys.modules:
+    if sys.modules.get("transformers") is not None:
         _register_quietly()
     elif importlib.util.find_spec("transformers") is not None and \
             not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
