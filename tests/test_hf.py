@@ -294,3 +294,16 @@ def test_export_hf_errors_are_one_line(exported, tmp_path):
     code, err = _export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "taken"), "--format", "hf"])
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "is a file" in err
     assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_save_pretrained_keeps_a_loadable_directory(exported, hf_model, tmp_path):
+    model, _, hf_dir, _ = exported
+    hf_model.save_pretrained(tmp_path / "again")
+    shipped = {p.name for p in hf_dir.glob("*.py")}
+    assert shipped <= {p.name for p in (tmp_path / "again").iterdir()}
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_mmrec.MMRecForCausalLM"
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x), rtol=0, atol=1e-5)

@@ -31,7 +31,7 @@ from pathlib import Path
 import mm_rec
 
 from ..utils.errors import UserError
-from ..utils.fileio import disk_error, file_mode
+from ..utils.fileio import atomic_write_text, disk_error, file_mode
 
 PACKAGE_ROOT = Path(mm_rec.__file__).parent
 
@@ -132,6 +132,16 @@ def shipped_sources() -> dict[str, str]:
         "# files this one imports itself, not what they import in turn).\n"
         + "".join(f"from .{name} import __name__ as _  # noqa: E402,F401\n" for name in others))
     return files
+
+
+def write_shipped_sources(out_dir) -> list[Path]:
+    """Write the modelling files into out_dir (MMRecForCausalLM.save_pretrained calls this)."""
+    written = []
+    for name, text in shipped_sources().items():
+        path = Path(out_dir) / name
+        atomic_write_text(path, text)
+        written.append(path)
+    return written
 
 
 def _hf_tokenizer(tokenizer):

@@ -159,6 +159,18 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: cache if use_cache else None})
         return output if return_dict is not False else output.to_tuple()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained (weights under its names, "model." first), plus the modelling
+        files config.json's auto_map points at, so the directory loads where mm_rec is not installed.
+        (Loaded as remote code, transformers copies its own files; mm_rec's export writes them here.)"""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        try:
+            from .export import write_shipped_sources
+        except ImportError:
+            return
+        if kwargs.get("is_main_process", True):
+            write_shipped_sources(save_directory)
+
     # -- generate ---------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True,
                                       cache=None, **kwargs):
