@@ -258,6 +258,9 @@ def _load_export_dir(path: Path) -> LoadedModel:
         config_dict = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{config_file} is not readable JSON ({e})") from None
+    if isinstance(config_dict, dict) and config_dict.get("model_type") == "mmrec":
+        # written by export --format hf: our fields among the Hugging Face ones
+        config_dict = {k: v for k, v in config_dict.items() if k in MMRecConfig.__dataclass_fields__}
     config = config_from_dict(config_dict, config_file)
     try:
         state_dict = load_file(str(weights))

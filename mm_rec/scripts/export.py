@@ -5,7 +5,8 @@
 
 writes model/model.safetensors, model/config.json and model/tokenizer.json, loadable with
 `MMRec100M.from_pretrained("model/")`; --format pt (or both) writes the guide's
-model/mmrec_100m_final.pt = {'model_state_dict', 'config'} as well (or instead).
+model/mmrec_100m_final.pt = {'model_state_dict', 'config'} as well (or instead); --format hf writes a
+directory Hugging Face transformers loads (mm_rec/hf/export.py).
 """
 from __future__ import annotations
 
@@ -32,11 +33,17 @@ def write_guide_pt(loaded, out: Path) -> list[Path]:
     return [save_guide_pt(loaded.model, out / GUIDE_PT_NAME, loaded.tokenizer)]
 
 
+def write_hf(loaded, out: Path) -> list[Path]:
+    from ..hf.export import save_hf  # transformers is optional: imported only for this format
+    return save_hf(loaded.model, out, loaded.tokenizer)
+
+
 # --format NAME -> the writers it runs, in order
 FORMATS = {
     "safetensors": (write_safetensors,),
     "pt": (write_guide_pt,),
     "both": (write_safetensors, write_guide_pt),
+    "hf": (write_hf,),
 }
 
 
@@ -45,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported model directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="safetensors", choices=list(FORMATS),
-                   help="safetensors directory (default), the guide's mmrec_100m_final.pt, or both")
+                   help="safetensors directory (default), the guide's mmrec_100m_final.pt, both, or hf: a "
+                        "directory Hugging Face transformers loads (model code included, see README)")
     p.add_argument("--pt", action="store_true", help="same as --format both")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="weight dtype to store (default float32, as trained)")
