@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from ..inference.generation import map_states
+from ..inference.state import RecurrentState
 
 
 class MMRecCache(Cache):
@@ -75,7 +75,7 @@ class MMRecCache(Cache):
 
     def _map(self, fn) -> None:
         if self.states is not None:
-            self.states = map_states(self.states, fn)
+            self.states = RecurrentState.from_memory_states(self.states).map(fn).to_memory_states()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))

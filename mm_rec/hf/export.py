@@ -41,7 +41,7 @@ SHIPPED = (
     "mm_rec.ops.short_term.chunk", "mm_rec.ops.short_term.naive", "mm_rec.ops.short_term",
     "mm_rec.ops.long_term.chunk", "mm_rec.ops.long_term.naive", "mm_rec.ops.long_term", "mm_rec.ops",
     "mm_rec.model.block", "mm_rec.model.expert", "mm_rec.model.stacked", "mm_rec.model.mmrec",
-    "mm_rec.inference.generation",
+    "mm_rec.inference.state", "mm_rec.inference.decode", "mm_rec.inference.generation",
     "mm_rec.hf.configuration_mmrec", "mm_rec.hf.cache_mmrec", "mm_rec.hf.modeling_mmrec",
 )
 OPS = "mm_rec.ops"  # shipped as the PyTorch copy mmrec_ops_torch.py behind the mmrec_ops.py switch

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..inference.generation import concat_rows, prefill, select_rows
+from ..inference.generation import prefill
+from ..inference.state import RecurrentState
 from ..model.mmrec import MMRec100M
 from .cache_mmrec import MMRecCache
 from .configuration_mmrec import MMRecHFConfig
@@ -92,7 +93,7 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         parts, order = [], []
         for (start, end), rows in groups.items():
             rows_t = torch.tensor(rows, device=input_ids.device)
-            sub = select_rows(states, rows_t)
+            sub = None if states is None else RecurrentState.from_memory_states(states).select(rows_t).to_memory_states()
             if end > start:
                 part, new = self.model(input_ids[rows_t, start:end], expert_type=expert_type, memory_states=sub,
                                        return_memory=True)
@@ -108,7 +109,8 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         inverse[torch.tensor(order)] = torch.arange(B)
         if logits is None:
             logits = torch.zeros(B, T, self.config.vocab_size, device=input_ids.device, dtype=self.dtype)
-        return logits, select_rows(concat_rows(parts), inverse.to(input_ids.device))
+        merged = RecurrentState.concat([RecurrentState.from_memory_states(p) for p in parts])
+        return logits, merged.select(inverse.to(input_ids.device)).to_memory_states()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 past_key_values: MMRecCache | None = None, use_cache: bool | None = None,
@@ -135,7 +137,9 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         if logits_to_keep == 1 and labels is None and not torch.is_grad_enabled():
             # generate(): mm_rec's own prefill (grouped by length) and step
             prompts = list(input_ids) if plain else [input_ids[b, s:e] for b, (s, e) in enumerate(spans)]
-            last, new_states = prefill(self.model, prompts, expert_type, states)
+            start = None if states is None else RecurrentState.from_memory_states(states)
+            last, new_states = prefill(self.model, prompts, expert_type, start)
+            new_states = new_states.to_memory_states()
             logits = last[:, None]
         elif plain:
             logits, new_states = self.model(input_ids, expert_type=expert_type, memory_states=states,
