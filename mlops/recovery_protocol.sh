@@ -107,9 +107,12 @@ print(path)
 print(repr(min(float(state.get("lr_scale", 1.0)), float(previous)) * float(factor)))
 names = {a[2:].split("=", 1)[0] for a in given if a.startswith("--")}
 if "config" not in names:  # a --config file sets its own flags: take nothing then
+    import dataclasses
+    from mm_rec.training.config import TrainConfig
+    known = {f.name for f in dataclasses.fields(TrainConfig)}  # a flag of another version: left out
     skip = {"resume_from", "checkpoint_dir", "lr_scale", "overwrite", "profile_step", "config"}
     for key, value in (state.get("train_args") or {}).items():
-        if key in skip or key in names or value is None or value is False:
+        if key not in known or key in skip or key in names or value is None or value is False:
             continue
         print(f"--{key}")
         if value is not True:

@@ -4,7 +4,6 @@ loop with a plain AdamW (26.11), and recovery_protocol.sh's usage errors and inf
 Tiny model on synthetic tokens, in-process through `run_cli(main, argv)`; the protocol in bash."""
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -110,7 +109,7 @@ def trainer_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("names_saved", [True, False], ids=["names", "older-checkpoint"])
-def test_guide_loop_recovers_with_a_plain_adamw(trainer_run, tmp_path, names_saved, caplog):
+def test_guide_loop_recovers_with_a_plain_adamw(trainer_run, tmp_path, names_saved):
     state = load_checkpoint(ckpt(trainer_run, 4))
     if not names_saved:  # a checkpoint from before the parameter names were saved
         del state["optimizer_param_names"]

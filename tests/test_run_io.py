@@ -6,7 +6,6 @@ really raise, not an OSError(28) a test made up."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path

@@ -9,7 +9,6 @@ the directory is byte for byte what it was.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from mm_rec.scripts import train_modular
 from mm_rec.training.checkpoint import load_checkpoint, save_checkpoint
