@@ -78,7 +78,7 @@ def test_only_rank_0_writes(runs):
     names = sorted(p.name for p in ddp.iterdir())
     ckpts = [f"checkpoint_{s}_step_{n}.pt" for s in STAGES for n in (2, 4)]
     assert names == sorted(ckpts + ["metrics.jsonl", "tokenizer.json", "tensorboard", ".mmrec-run.lock"] +
-                           [f"loss_{s}.png" for s in STAGES])
+                           [f"loss_{s}.png" for s in STAGES] + [f"checkpoint_{s}_best.pt" for s in STAGES])
     assert len(list((ddp / "tensorboard").iterdir())) == 1  # one event file: one writer
     rows = read_metrics(ddp / "metrics.jsonl", type=None)
     train_rows = [(r["stage"], r["step"]) for r in rows if r["type"] == "train"]

@@ -158,10 +158,10 @@ def test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step(data_dir
     checkpointing (recomputation inside the graph) and the compiled layer."""
     keys = _count_captures(monkeypatch, on_cpu=False)
     args = ("--stage", "stage1", "--max_steps", "8", "--checkpoint_interval", "8", "--eval_interval", "0",
-            "--device", "cuda", "--precision", "fp32", *extra)
+            "--device", "cuda", "--precision", "fp32", *(extra or ("--no_compile",)))  # CUDA compiles by default
     for stage_args in (args, ("--stage", "stage2", *args[2:])):
         name = stage_args[1]
-        train(data_dir, tmp_path / f"plain_{name}", *stage_args)
+        train(data_dir, tmp_path / f"plain_{name}", *stage_args, "--no_cuda_graph")  # CUDA's default captures
         train(data_dir, tmp_path / f"graphed_{name}", *stage_args, "--cuda_graph")
         plain, graphed = losses(tmp_path / f"plain_{name}"), losses(tmp_path / f"graphed_{name}")
         assert plain.keys() == graphed.keys() and len(plain) == 8

@@ -197,7 +197,7 @@ def resolve_speed(cfg: TrainConfig, device_type: str, world_size: int, precision
     """--compile and --cuda_graph as the run will use them.
 
     Given flags win (an impossible --cuda_graph is refused later, with its reason). Without them,
-    CUDA compiles and captures the step, the fast path measured in benchmarks/RESULTS.md; the CPU
+    CUDA compiles and captures the step, the fast path measured in benchmarks/README.md; the CPU
     runs eagerly (compiling costs more there than it saves on a short run). A default that cannot
     apply (no Triton, torchrun, fp16's host-side loss scaling, dropout recomputed under
     --gradient_checkpointing) falls back to the slower path with a note, so that no command

@@ -66,8 +66,7 @@ def stage_data_use(spec, global_batch: int, grad_accum: int, held: dict[str, int
             steps = (spec.max_steps + 1) // 2 if domain == "text" else spec.max_steps // 2
             consumed, expert = steps * per_step, domain
         else:
-            rows = (global_batch * grad_accum + (domain == "text")) // 2  # text takes the odd row out
-            consumed, expert = spec.max_steps * rows * spec.seq_len, "both"
+            consumed, expert = spec.max_steps * per_step // 2, "both"  # an odd row alternates: half on average
         out.append(DataUse(domain, expert, consumed, held.get(domain, 0)))
     return out
 
@@ -77,7 +76,7 @@ def _count(n: int) -> str:
 
 
 def epochs_report(stage: str, uses: list[DataUse], max_steps: int) -> list[str]:
-    """The report's lines: one per domain, then one warning per domain above EPOCH_WARNING epochs."""
+    """The report's lines: one per domain, then a warning if any domain is above EPOCH_WARNING epochs."""
     lines = []
     for u in uses:
         who = "both experts" if u.expert == "both" else f"the {u.expert} expert"
