@@ -13,13 +13,13 @@ The work is three passes over the sources, so memory stays bounded however large
 (8 bytes per document for the duplicate check, the largest single document, and one encoding
 batch of a few MB):
 1. scan: read every document, count it, and hash it. Exact duplicates (same text, at least
-   DEDUPE_MIN_BYTES long) are dropped and counted. The validation split is chosen from a seeded hash of each document: the lowest
-   until they hold about val_fraction of the domain's bytes; a domain of one document is split
-   by a contiguous token range at its end instead;
+   DEDUPE_MIN_BYTES long) are dropped and counted. The validation split is chosen from a seeded
+   hash of each document: the lowest until they hold about val_fraction of the domain's bytes;
+   a domain of one document is split by a contiguous token range at its end instead;
 2. train the tokenizer on the training documents (unless one is given);
 3. encode the documents in batches (the tokenizer encodes a batch on every core; long documents
-   are cut into pieces of at most ~1M characters at whitespace, which gives the same ids) and
-   append them to the train or val file.
+   are cut into pieces of at most 256K characters where whitespace begins, which gives the same
+   ids) and append them to the train or val file.
 Everything is written into a temporary directory `.prepare-tmp-PID` inside the output, removed on
 any exit (error, Ctrl-C, SIGTERM; one left by a killed run is removed by the next run).
 """
@@ -97,7 +97,7 @@ class _DomainScan:
     files: list  # list[list[InputFile]], per source
     source_stats: list[SourceStats]
     doc_bytes: np.ndarray      # UTF-8 size of each document
-    doc_keys: np.ndarray       # hash(seed, text) of each document, for the split
+    doc_keys: np.ndarray       # hash(seed, content hash) of each document, for the split
     keep: np.ndarray           # False for an exact duplicate of an earlier document
     complete: bool = True      # False when --max_tokens stopped the scan early
     is_val: np.ndarray | None = None
@@ -140,15 +140,6 @@ def prepare_data(text_sources: Iterable, code_sources: Iterable, out_dir, tokeni
         raise UserError("no sources given: pass --text and/or --code files or directories")
     _check_out_dir(out_dir)
     check_writable_dir(out_dir, "--out directory")  # a read-only or full disk: one line, before the long work
-    meta = _prepare(sources, out_dir, tokenizer_path, vocab_size, val_fraction, seed, txt_doc_chars,
-                    tokenizer_train_chars, max_tokens, recipe, verbose)
-    if verbose:
-        print(format_summary(meta, out_dir), file=sys.stderr)
-    return meta
-
-
-def _prepare(sources, out_dir, tokenizer_path, vocab_size, val_fraction, seed, txt_doc_chars,
-             tokenizer_train_chars, max_tokens, recipe, verbose) -> dict:
     _remove_stale_temporaries(out_dir)
     log = _printer(verbose)
 
@@ -208,6 +199,8 @@ def _prepare(sources, out_dir, tokenizer_path, vocab_size, val_fraction, seed, t
             raise err from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    if verbose:
+        print(format_summary(meta, out_dir), file=sys.stderr)
     return meta
 
 

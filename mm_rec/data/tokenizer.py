@@ -28,8 +28,9 @@ _GPT2_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 # Long documents are encoded in pieces of at most this many characters: the tokenizer holds about
 # 180 bytes per token of the text it is handed, so memory must not follow the document's size.
 MAX_PIECE_CHARS = 1 << 18
-# The BPE trainer's cost grows with the length of its longest words (a merge rewrites every word
-# holding the pair); a run without whitespace is fed to it in slices of this many characters.
+# The BPE trainer's time grows with the length of its words (a merge rewrites every word holding
+# the pair) and its memory with their number: a run of more non-space characters than this (a
+# base64 blob, a minified line, a hash) is data, not language, and the trainer sees only its start.
 MAX_TRAIN_RUN_CHARS = 256
 # A place to cut: a non-space character followed by whitespace. GPT-2's pre-tokenizer never
 # puts such a pair in one pre-token, so cutting there gives the same ids as not cutting.
@@ -198,14 +199,13 @@ def _last_cut(text: str, low: int, high: int) -> int:
 
 def training_pieces(text: str) -> Iterator[str]:
     """`text` as the tokenizer trainer should see it: encoding-sized pieces, with any run of more
-    than MAX_TRAIN_RUN_CHARS non-space characters given in slices of that length."""
+    than MAX_TRAIN_RUN_CHARS non-space characters cut to its first MAX_TRAIN_RUN_CHARS."""
     for piece in split_for_encoding(text):
         pos = 0
         for m in _LONG_RUN.finditer(piece):
             if m.start() > pos:
                 yield piece[pos:m.start()]
-            for k in range(m.start(), m.end(), MAX_TRAIN_RUN_CHARS):
-                yield piece[k:min(k + MAX_TRAIN_RUN_CHARS, m.end())]
+            yield piece[m.start():m.start() + MAX_TRAIN_RUN_CHARS]
             pos = m.end()
         if pos < len(piece):
             yield piece[pos:]
