@@ -473,6 +473,19 @@ def test_a_full_disk_fails_the_turn_in_openai_json_and_keeps_serving(checkpoint,
         subprocess.run(["umount", str(full)], capture_output=True)
 
 
+def test_an_engine_fault_fails_the_requests_with_503_and_shows_in_health(checkpoint, tmp_path):
+    with ServerThread(checkpoint, tmp_path) as s, httpx.Client(base_url=s.url, timeout=60) as http:
+        def broken(*args):
+            raise RuntimeError("device fault")
+        s.engine.step = broken
+        error = _error(http.post("/v1/completions", json={"model": "mm-rec", "prompt": "The"}), 503)
+        assert "engine failed" in error["message"]
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert _error(http.post("/v1/completions", json={"model": "mm-rec", "prompt": "x"}), 503)["code"] \
+            == "engine_unavailable"
+
+
 # -- restart -----------------------------------------------------------------------------------------------------
 
 def _start_process(checkpoint, session_dir, port):

@@ -75,8 +75,8 @@ class Turn:
             except UserError as e:
                 raise APIError(400, str(e), "session_id", "invalid_session_id") from None
         if not server.engine.ready:
-            raise APIError(503, "the model is not ready (starting up or shutting down); retry shortly",
-                           code="engine_unavailable")
+            raise APIError(503, "the model is not ready (starting up, shutting down or failed: see /health); "
+                                "retry shortly", code="engine_unavailable")
         if server.in_flight >= server.settings.max_concurrent:
             raise APIError(429, f"too many concurrent requests (limit {server.settings.max_concurrent}); "
                                 "retry later", code="too_many_requests")
@@ -330,12 +330,13 @@ class Server:
 
     def health(self) -> dict:
         engine, store = self.engine, self.store
-        status = "ok" if engine.ready else ("shutting_down" if engine.closing else "starting")
+        status = ("ok" if engine.ready else "failed" if engine.failed else
+                  "shutting_down" if engine.closing else "starting")
         out = {"status": status, "model": self.settings.model_name, "device": str(engine.device),
                "vocab_size": self.vocab_size,
                "in_flight": self.in_flight, "decoding_rows": engine.active_rows,
                "prefilling": len(engine.prefilling), "decode_steps": engine.steps,
-               "cuda_graphs": engine.step.graphed, "hot_sessions": len(store.hot),
+               "cuda_graphs": getattr(engine.step, "graphed", False), "hot_sessions": len(store.hot),
                "hot_session_bytes": store.hot_bytes, "process_rss_bytes": _rss_bytes()}
         if engine.device.type == "cuda":
             out["device_memory_allocated_bytes"] = torch.cuda.memory_allocated(engine.device)

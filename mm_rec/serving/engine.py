@@ -209,6 +209,7 @@ class Engine:
         self.batch_state: dict[str, RecurrentState] = {}  # expert -> the rows' state
         self.ready = False
         self.closing = False
+        self.failed = False
         self.thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._outbox: list = []
@@ -265,8 +266,8 @@ class Engine:
                     self._flush()
         except Exception as e:  # a bug or a device fault: fail every request rather than hang them
             log.exception("engine loop failed")
+            self.ready, self.failed = False, True
             self._fail_all(f"the engine failed ({type(e).__name__}); see the server log")
-            self.ready = False
         finally:
             self._fail_all("the server is shutting down")
 
@@ -387,7 +388,8 @@ class Engine:
                 self._finish(r, None)
                 leave.append(i)
         if leave:
-            self._keep_rows(expert, [i for i in range(len(rows)) if i not in set(leave)])
+            gone = set(leave)
+            self._keep_rows(expert, [i for i in range(len(rows)) if i not in gone])
 
     def _sample(self, logits: torch.Tensor, rows: list[Request], which: list[int]) -> dict[int, int]:
         """One token for each row in `which`: greedy rows by one argmax over the batch, sampled rows
