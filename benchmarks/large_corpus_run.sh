@@ -18,7 +18,7 @@ start)
   setsid nohup bash -c "
     date +%s > $W/t0
     python3 -m mm_rec.scripts.build_corpus --out $W/corpus --text_dir $W/text --json $W/corpus.json \
-      > $W/corpus.log 2>&1 || exit 1
+      > $W/corpus.log 2>&1 || { echo 1 > $W/train.rc; exit 1; }
     date +%s > $W/t1
     cd $W && python3 -m mm_rec.scripts.train_modular --stage all --checkpoint_dir ./checkpoints \
       --data_dir $W/corpus $HELDOUT > $W/train.log 2>&1

@@ -43,7 +43,9 @@ def python_code_dirs() -> list[Path]:
     seen, dirs = set(), []
     for c in candidates:
         p = Path(c)
-        if p.is_dir() and p.resolve() not in seen:
+        # a venv's lib/pythonX.Y holds only its site-packages (read as its own source): not a code dir
+        is_code_dir = p.name in PACKAGE_DIRS or any(p.glob("*.py"))
+        if p.is_dir() and is_code_dir and p.resolve() not in seen:
             seen.add(p.resolve())
             dirs.append(p)
     return dirs
