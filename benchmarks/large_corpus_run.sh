@@ -2,6 +2,7 @@
 # The guide's schedule on a large real corpus, on a lent GPU machine (issue 20's run). In the
 # background (setsid), so that it outlives one device call; follow it with `wait`.
 #   bash benchmarks/large_corpus_run.sh start    # build the corpus, then train as the guide types it
+#                                                # (MAX_STEPS=N: at most N steps a stage)
 #   bash benchmarks/large_corpus_run.sh wait N   # wait up to N s for the run, print its progress
 #   bash benchmarks/large_corpus_run.sh report   # final figures: evaluate the best and last checkpoints
 # The working tree carries .gpu_text/: the prose (*.txt.xz: ../shared/data/text and the Linux kernel's
@@ -21,7 +22,7 @@ start)
       > $W/corpus.log 2>&1 || { echo 1 > $W/train.rc; exit 1; }
     date +%s > $W/t1
     cd $W && python3 -m mm_rec.scripts.train_modular --stage all --checkpoint_dir ./checkpoints \
-      --data_dir $W/corpus $HELDOUT > $W/train.log 2>&1
+      --data_dir $W/corpus $HELDOUT ${MAX_STEPS:+--max_steps $MAX_STEPS} > $W/train.log 2>&1
     echo \$? > $W/train.rc; date +%s > $W/t2" > /dev/null 2>&1 &
   sleep 5; echo started ;;
 wait)
