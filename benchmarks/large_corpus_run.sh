@@ -11,14 +11,15 @@
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; W=${W:-/tmp/large}; mkdir -p "$OUT" "$W"
-HELDOUT="--heldout_text .gpu_text/heldout_text --heldout_code mm_rec"
+HELDOUT="--heldout_text $PWD/.gpu_text/heldout_text --heldout_code $PWD/mm_rec"
 case "$1" in
 start)
   mkdir -p "$W/text"
   for f in .gpu_text/*.txt.xz; do xz -dc "$f" > "$W/text/$(basename "$f" .xz)"; done
+  rm -f $W/train.rc; rm -rf $W/checkpoints
   setsid nohup bash -c "
     date +%s > $W/t0
-    python3 -m mm_rec.scripts.build_corpus --out $W/corpus --text_dir $W/text --json $W/corpus.json \
+    [ -f $W/corpus/meta.json ] || python3 -m mm_rec.scripts.build_corpus --out $W/corpus --text_dir $W/text --json $W/corpus.json \
       > $W/corpus.log 2>&1 || { echo 1 > $W/train.rc; exit 1; }
     date +%s > $W/t1
     cd $W && python3 -m mm_rec.scripts.train_modular --stage all --checkpoint_dir ./checkpoints \
