@@ -33,6 +33,10 @@ def inductor_options(mode: str | None = None, combo: bool = True) -> dict:
 
 def compile_fn(fn: Callable, mode: str | None = None, combo: bool = True, **kwargs) -> Callable:
     """torch.compile(fn, mode=mode, **kwargs) with inductor_options(mode, combo)."""
+    # One compiled layer serves every stage's shape, both experts alone and stacked, with and
+    # without carried states, and the evaluations' and held-out files' windows: more than
+    # Dynamo's default of 8 graphs per function (a fullgraph compile then fails hard).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(fn, options=inductor_options(mode, combo), **kwargs)
 
 
