@@ -31,11 +31,14 @@ def data_dir(tmp_path_factory) -> Path:
 
 def argv(data_dir, ckpt_dir, batch_size, *args) -> list[str]:
     # All three stages (stage 2 trains one expert per step, so ranks all-reduce a partial set of
-    # gradients), STEPS steps each, a checkpoint every 2 steps.
+    # gradients), STEPS steps each, a checkpoint every 2 steps. The learning rate is high enough to
+    # learn in 12 steps and low enough that AdamW's sign flips on near-zero gradients (the two
+    # reduction orders differ in the last bits) stay within assert_states_close's bound: at 1e-2
+    # the deduplicated default corpus drifted the embedding by 1.9% of its norm.
     return ["--preset", "tiny", *MODEL, "--data_dir", str(data_dir), "--checkpoint_dir", str(ckpt_dir),
             "--stage", "all", "--max_steps", str(STEPS), "--checkpoint_interval", "2", "--eval_interval", "0",
             "--seq_len", "32", "--batch_size", str(batch_size), "--eval_batches", "2", "--memory_log_interval", "0",
-            "--warmup_steps", "1", "--learning_rate", "1e-2", "--device", "cpu", *args]
+            "--warmup_steps", "1", "--learning_rate", "5e-3", "--device", "cpu", *args]
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

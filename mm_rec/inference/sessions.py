@@ -311,7 +311,14 @@ class SessionMemoryManager:
             folder = self.session_dir(session_id)
             self._remove_stale_temporaries(folder)
             data = save(flat, metadata={HEADER_KEY: json.dumps(metadata)})  # (bytes: a few MB at most)
-            atomic_write_bytes(folder / SESSION_NAME, data, action=f"save session {session_id!r} to")
+            try:
+                atomic_write_bytes(folder / SESSION_NAME, data, action=f"save session {session_id!r} to")
+            except UserError:
+                if current is None and not (folder / SESSION_NAME).exists():
+                    # a new session that could not be written leaves no trace (its folder held
+                    # only the lock: a waiter sees it gone and locks afresh, as after a delete)
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
             for old in (METADATA_NAME, STATE_NAME):  # layout 1, now superseded by the file above
                 (folder / old).unlink(missing_ok=True)
         return folder
