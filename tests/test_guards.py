@@ -219,3 +219,21 @@ def test_bad_heldout_and_early_stopping_flags_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_kept_counts_what_keep_last_leaves_plus_the_best():
+    from mm_rec.training.guards import checkpoints_kept
+    assert checkpoints_kept(5000, 100, 5) == 6      # the newest 5 (the final among them) + best
+    assert checkpoints_kept(5000, 100, 0) == 51     # every 100th step + best
+    assert checkpoints_kept(250, 100, 0) == 4       # steps 100, 200, the final 250 + best
+    assert checkpoints_kept(10, 100, 5) == 2
+
+
+def test_disk_warning_when_the_kept_checkpoints_exceed_the_free_space(tmp_path):
+    import shutil
+    from mm_rec.training.guards import disk_warning
+    free = shutil.disk_usage(tmp_path).free
+    assert disk_warning(tmp_path, 1000, 3) is None
+    line = disk_warning(tmp_path, free // 2 + 1, 3)
+    assert line is not None and "--keep_last" in line and "\n" not in line
+    assert disk_warning(tmp_path / "missing", 10**15, 3) is None  # nothing to measure: no warning

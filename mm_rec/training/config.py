@@ -83,7 +83,8 @@ class TrainConfig:
                             "into CHECKPOINT_DIR/previous_run.bak-TIMESTAMP/", "output")
     checkpoint_interval: int | None = _opt(None, "save every N steps (stage default: 100/200/100)", int,
                                            group="output")
-    keep_last: int = _opt(0, "keep only the newest K mid-stage checkpoints of a stage (0: keep all)", int,
+    keep_last: int = _opt(5, "keep only the newest K checkpoints of a stage (0: keep all); the stage's final "
+                             "and best checkpoints always stay", int,
                           group="output")
     eval_interval: int | None = _opt(None, "validate every N steps, 0 only at a stage's end "
                                            "(stage default: 500/1000/500)", int, group="output")

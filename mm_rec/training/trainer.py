@@ -142,6 +142,8 @@ class Trainer:
         D.broadcast_parameters(self.model)
         # Refused here, before any log is written, when a stage surely cannot fit in memory.
         self._memory_warnings = self._on_main(self._check_memory) or {}
+        if self.is_main:
+            self._check_disk()
         # The step's loss: model.loss runs the LM head and cross-entropy in chunks, never holding
         # the [B, T, vocab] logits (recomputed in backward). --compile compiles by default the
         # layer, not the whole model: one graph for every layer of both experts, so compilation
@@ -192,6 +194,16 @@ class Trainer:
         if self.model_config.dropout > 0 and cfg.gradient_checkpointing:
             raise UserError("--cuda_graph with --gradient_checkpointing needs dropout 0 "
                             "(recomputing dropout would need the RNG state, which a graph cannot read)")
+
+    def _check_disk(self) -> None:
+        """Warn before the first step when the checkpoints this run keeps will not fit on its disk."""
+        # fp32 weights and AdamW's two moments; the rest of a checkpoint is small
+        checkpoint_bytes = 12 * sum(p.numel() for p in self.model.parameters())
+        files = sum(guards.checkpoints_kept(spec.max_steps, spec.checkpoint_interval, self.cfg.keep_last)
+                    for spec in (self.cfg.stage_spec(name) for name, _ in self.plan))
+        warning = guards.disk_warning(self.ckpt_dir, checkpoint_bytes, files)
+        if warning:
+            self.print(warning)
 
     def _check_memory(self) -> dict[str, str]:
         """Each planned stage's memory estimate against the device's free memory: a UserError
