@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..utils.errors import UserError
 
@@ -118,9 +117,12 @@ def tokenize_documents(tokenizer, documents: Iterable[str], batch: int = 256) ->
 
 @torch.no_grad()
 def stream_loss(model, tokens: torch.Tensor, expert_type: str | None, seq_len: int, device=None,
-                autocast_dtype: torch.dtype | None = None, progress=None) -> tuple[float, int]:
+                autocast_dtype: torch.dtype | None = None, progress=None, chunk_size: int | None = None,
+                head_chunk: int = 4096) -> tuple[float, int]:
     """(summed cross-entropy in nats, tokens scored) of a 1-D token stream, predicting tokens[1:]
-    window by window with the memory state carried across windows."""
+    `seq_len` tokens at a time with the memory state carried across windows: every token is scored
+    with its whole left context. The LM head runs in chunks (model.loss): no [T, vocab] logits.
+    `evaluate --text/--code` and the trainer's --heldout_* files are scored here."""
     if seq_len < 1:
         raise UserError(f"--seq_len must be >= 1, got {seq_len}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -132,9 +134,9 @@ def stream_loss(model, tokens: torch.Tensor, expert_type: str | None, seq_len: i
             y = tokens[start + 1:start + 1 + seq_len].to(device)
             x = tokens[start:start + y.numel()].to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits, states = model(x[None], expert_type=expert_type, memory_states=states, return_memory=True)
-            logits = logits[0] if logits.dtype == torch.float64 else logits[0].float()  # CE in fp32 at least
-            total += F.cross_entropy(logits, y, reduction="sum").double()
+                loss, states = model.loss(x[None], y[None], expert_type=expert_type, memory_states=states,
+                                          chunk_size=chunk_size, return_memory=True, head_chunk=head_chunk)
+            total += loss.double() * y.numel()
             count += y.numel()
             if progress is not None:
                 progress.update(y.numel())

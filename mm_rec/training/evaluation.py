@@ -55,28 +55,3 @@ def evaluate_loss(model, data, domain: str, expert_type: str | None, batch_size:
     if count == 0:
         return float("nan")
     return float(total.item() / count)
-
-
-@torch.no_grad()
-def stream_loss_chunked(model, tokens: torch.Tensor, expert_type: str | None, seq_len: int, device=None,
-                        autocast_dtype: torch.dtype | None = None, chunk_size: int | None = None,
-                        head_chunk: int = 4096) -> tuple[float, int]:
-    """(summed cross-entropy in nats, tokens scored) of a 1-D token stream, predicting tokens[1:]
-    `seq_len` tokens at a time with the memory state carried across windows: every token is
-    scored with its whole left context, as `evaluate --text/--code FILE` scores files."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count, states = torch.zeros((), dtype=torch.float64, device=device), 0, None
-    try:
-        for start in range(0, tokens.numel() - 1, seq_len):
-            y = tokens[start + 1:start + 1 + seq_len].to(device)
-            x = tokens[start:start + y.numel()].to(device)
-            with _autocast(device, autocast_dtype):
-                loss, states = model.loss(x[None], y[None], expert_type=expert_type, memory_states=states,
-                                          chunk_size=chunk_size, return_memory=True, head_chunk=head_chunk)
-            total += loss.double() * y.numel()
-            count += y.numel()
-    finally:
-        model.train(was_training)
-    return float(total.item()), count

@@ -10,19 +10,16 @@ one stream with the memory carried across `seq_len` windows: below that size, th
 `python -m mm_rec.scripts.evaluate --checkpoint CKPT --text FILE --seq_len L` on the same weights.
 
 Rows go to metrics.jsonl as {"type": "heldout", "stage", "step", "heldout_loss_text", ...} and
-`plot_stage` draws them beside the training and validation losses in loss_{stage}.png.
+MetricsLogger.plot_stage draws them beside the training and validation losses in loss_{stage}.png.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
 from ..utils.errors import UserError
-from .evaluation import stream_loss_chunked
-from .metrics import read_metrics
-
-HELDOUT_TYPE = "heldout"
+from ..inference.evaluation import stream_loss
+from .metrics import HELDOUT_TYPE  # noqa: F401 (the row type, re-exported)
 
 
 class HeldoutSet:
@@ -61,43 +58,7 @@ class HeldoutSet:
         out = {}
         for domain, expert_type in plan:
             if domain in self.tokens:
-                nats, count = stream_loss_chunked(model, self.tokens[domain][:max_tokens + 1], expert_type, seq_len,
-                                                  device, autocast_dtype, chunk_size)
+                nats, count = stream_loss(model, self.tokens[domain][:max_tokens + 1], expert_type, seq_len,
+                                          device, autocast_dtype, chunk_size=chunk_size)
                 out[domain] = nats / count
         return out
-
-
-def plot_stage(metrics_path: Path, stage: str, out: Path) -> Path | None:
-    """loss_{stage}.png: training loss (and its moving mean), validation and held-out loss per domain."""
-    rows = [r for r in read_metrics(metrics_path, type=None) if r.get("stage") == stage]
-    train = {r["step"]: r["loss"] for r in rows if r["type"] == "train"}  # last write of a step wins
-    if not train:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    steps = sorted(train)
-    ax.plot(steps, [train[s] for s in steps], lw=0.8, alpha=0.6, label="train loss")
-    if len(steps) >= 20:
-        k = max(5, len(steps) // 20)
-        window = lambda i: steps[max(0, i - k + 1):i + 1]
-        ax.plot(steps, [sum(train[s] for s in window(i)) / len(window(i)) for i in range(len(steps))],
-                lw=1.5, label=f"train loss (mean of {k})")
-    for kind, prefix, style in (("eval", "val_loss", "o-"), (HELDOUT_TYPE, "heldout_loss", "s--")):
-        for domain in ("text", "code"):
-            points = sorted((r["step"], r[f"{prefix}_{domain}"]) for r in rows
-                            if r["type"] == kind and f"{prefix}_{domain}" in r)
-            if points:
-                ax.plot([s for s, _ in points], [v for _, v in points], style,
-                        label=f"{'val' if kind == 'eval' else 'held-out'} loss ({domain})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"MM-Rec {stage}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out

@@ -32,6 +32,8 @@ METRICS_FILE = "metrics.jsonl"
 STEP_ROWS = ("train", "eval", "memory")  # rows of a step's values (events such as "recovery" stay)
 
 
+HELDOUT_TYPE = "heldout"  # rows of the --heldout_* files' losses
+
 def read_metrics(path: str | os.PathLike, type: str | None = "train") -> list[dict]:
     """Rows of a metrics.jsonl (only those of `type` unless None)."""
     rows = []
@@ -208,7 +210,7 @@ class MetricsLogger:
         return self.stage_offsets.get(stage, 0) + step
 
     def plot_stage(self, stage: str) -> Path | None:
-        """loss_{stage}.png next to the checkpoints: training loss (and validation loss) against step."""
+        """loss_{stage}.png next to the checkpoints: training, validation and held-out loss against step."""
         rows = [r for r in read_metrics(self.path, type=None) if r.get("stage") == stage]
         train = {r["step"]: r["loss"] for r in rows if r["type"] == "train"}  # last write of a step wins
         if not train:
@@ -225,11 +227,13 @@ class MetricsLogger:
             smooth = [sum(train[s] for s in steps[max(0, i - k + 1):i + 1]) / len(steps[max(0, i - k + 1):i + 1])
                       for i in range(len(steps))]
             ax.plot(steps, smooth, lw=1.5, label=f"train loss (mean of {k})")
-        for domain in ("text", "code"):
-            ev = sorted((r["step"], r[f"val_loss_{domain}"]) for r in rows
-                        if r["type"] == "eval" and f"val_loss_{domain}" in r)
-            if ev:
-                ax.plot([s for s, _ in ev], [v for _, v in ev], "o-", label=f"val loss ({domain})")
+        for kind, prefix, style in (("eval", "val_loss", "o-"), (HELDOUT_TYPE, "heldout_loss", "s--")):
+            for domain in ("text", "code"):
+                points = sorted((r["step"], r[f"{prefix}_{domain}"]) for r in rows
+                                if r["type"] == kind and f"{prefix}_{domain}" in r)
+                if points:
+                    ax.plot([s for s, _ in points], [v for _, v in points], style,
+                            label=f"{'val' if kind == 'eval' else 'held-out'} loss ({domain})")
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.set_title(f"MM-Rec {stage}")

@@ -447,11 +447,7 @@ class Trainer:
             bar.close()
         self.checkpoints.wait()  # the stage's last checkpoint is on disk before it is called complete
         if self.is_main:
-            if self.heldout is not None:  # the plot with the held-out curves beside the others
-                from .heldout import plot_stage
-                plot_stage(self.log.path, spec.name, self.ckpt_dir / f"loss_{spec.name}.png")
-            else:
-                self.log.plot_stage(spec.name)
+            self.log.plot_stage(spec.name)
         self.print(f"✅ Stage {spec.name} training completed!")
 
     def _interrupted(self) -> bool:
