@@ -57,7 +57,8 @@ def test_a_second_trainer_is_refused_while_the_first_trains_and_changes_nothing(
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     first = subprocess.Popen([sys.executable, "-m", "mm_rec.scripts.train_modular", *TINY, "--checkpoint_dir",
-                              str(run), "--max_steps", "100000", "--checkpoint_interval", "2"],
+                              str(run), "--max_steps", "100000", "--checkpoint_interval", "2",
+                              "--keep_last", "0"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
