@@ -65,3 +65,16 @@ def test_snapshot_copies_tensors_and_keeps_the_structure():
     assert torch.equal(snap["a"][0], torch.arange(4.0)) and snap["a"][0].data_ptr() != t.data_ptr()
     assert isinstance(snap["a"][1], tuple) and snap["a"][1][1] == 3
     assert snap["d"] == "text" and snap["e"] is None
+
+
+def test_prune_never_takes_a_resumed_runs_new_checkpoint_for_higher_numbered_ones(tmp_path):
+    """A run resumed from step 2 in a directory holding another trajectory's steps 4..20 saves step
+    3: pruning counts only steps up to the one just saved, so step 3 stays."""
+    from mm_rec.training.checkpoint import prune_checkpoints
+    for step in (2, 3, *range(4, 21, 2)):
+        (tmp_path / f"checkpoint_stage1_step_{step}.pt").write_bytes(b"x")
+    prune_checkpoints(tmp_path, "stage1", keep_last=1, upto_step=3)
+    names = sorted(int(p.name.split("_")[-1][:-3]) for p in tmp_path.iterdir())
+    assert names == [3, *range(4, 21, 2)]  # step 2 pruned, step 3 and the other trajectory's files kept
+    prune_checkpoints(tmp_path, "stage1", keep_last=2)  # without upto_step: the newest two overall
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_stage1_step_18.pt", "checkpoint_stage1_step_20.pt"]

@@ -219,12 +219,15 @@ def newest_valid_checkpoint(directory: str | os.PathLike, map_location="cpu", ac
     return None, None
 
 
-def prune_checkpoints(directory: str | os.PathLike, stage: str, keep_last: int) -> None:
+def prune_checkpoints(directory: str | os.PathLike, stage: str, keep_last: int, upto_step: int | None = None) -> None:
     """Keep the newest `keep_last` checkpoints of `stage` (0 or less keeps all); a finished stage's
-    final checkpoint is its newest, so it always stays."""
+    final checkpoint is its newest, so it always stays. With upto_step (the step just saved), only
+    checkpoints at or before it count: a run resumed from an earlier step never prunes its own new
+    files in favour of higher-numbered ones another trajectory left in the directory."""
     if keep_last <= 0:
         return
-    ours = [p for p in list_checkpoints(directory) if _NAME.match(p.name).group(1) == stage]
+    ours = [p for p in list_checkpoints(directory) if _NAME.match(p.name).group(1) == stage
+            and (upto_step is None or int(_NAME.match(p.name).group(2)) <= upto_step)]
     for p in ours[:-keep_last]:
         p.unlink(missing_ok=True)
 

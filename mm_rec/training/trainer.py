@@ -734,7 +734,7 @@ class Trainer:
                 self.print(f"💾 Checkpoint saved: {_display(path)}")
                 if best:  # linked before pruning, so --keep_last cannot take it
                     guards.keep_as_best(path, spec.name)
-                prune_checkpoints(self.ckpt_dir, spec.name, keep_last)
+                prune_checkpoints(self.ckpt_dir, spec.name, keep_last, upto_step=step)
             self.checkpoints.save(state, path, written)
         D.barrier()
 
