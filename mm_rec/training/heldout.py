@@ -19,7 +19,6 @@ import torch
 
 from ..utils.errors import UserError
 from ..inference.evaluation import stream_loss
-from .metrics import HELDOUT_TYPE  # noqa: F401 (the row type, re-exported)
 
 
 class HeldoutSet:

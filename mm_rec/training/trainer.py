@@ -40,9 +40,9 @@ from .config import TrainConfig, resolve_speed
 from .data import open_training_data
 from .evaluation import evaluate_loss
 from . import guards
-from .heldout import HELDOUT_TYPE, HeldoutSet
+from .heldout import HeldoutSet
 from .memory_estimate import available_memory, estimate_step_memory, memory_verdict
-from .metrics import METRICS_FILE, MetricsLogger, NullLogger
+from .metrics import HELDOUT_TYPE, METRICS_FILE, MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
 from .interrupt import GracefulInterrupt, TrainingInterrupted
