@@ -4,10 +4,10 @@
 #   bash benchmarks/large_corpus_run.sh start    # build the corpus, then train as the guide types it
 #                                                # (MAX_STEPS=N: at most N steps a stage)
 #   bash benchmarks/large_corpus_run.sh wait N   # wait up to N s for the run, print its progress
-#   bash benchmarks/large_corpus_run.sh report   # final figures: evaluate the best and last checkpoints
-# The working tree carries .gpu_text/: the prose (*.txt.xz: ../shared/data/text and the Linux kernel's
-# documentation from Debian's linux-doc-6.1) and held-out prose (heldout_text/: ../shared/docs and
-# the training guide, none of them in the corpus); held-out code is this repository's mm_rec/.
+#   bash benchmarks/large_corpus_run.sh report   # metrics, log and times to $OUT (EVAL=1: evaluate checkpoints too)
+# The working tree carries .gpu_text/, made here by `python benchmarks/gather_prose.py --out .gpu_text`:
+# the prose (*.txt.xz: ../shared/data/text and Debian's documentation packages) and held-out prose
+# (heldout_text/: ../shared/docs and the training guide, in no corpus); held-out code is mm_rec/.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; W=${W:-/tmp/large}; mkdir -p "$OUT" "$W"
@@ -35,8 +35,9 @@ wait)
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
 report)
   cd "$W"
-  cp corpus.json metrics_placeholder 2>/dev/null; cp corpus.json "$OUT/" ; cp checkpoints/metrics.jsonl "$OUT/"
-  grep -v "it/s\]" train.log | tr '\r' '\n' | grep -v "^\s*$" > "$OUT/train_lines.log"
+  cp corpus.json checkpoints/metrics.jsonl "$OUT/"; cat t0 t1 t2 > "$OUT/times.txt"; ls -la checkpoints > "$OUT/checkpoints.txt"
+  tr '\r' '\n' < train.log | grep -v "^Stage stage[0-9]: .*]\s*$\|^\s*$" > "$OUT/train_lines.log"
+  [ -n "${EVAL:-}" ] || exit 0   # EVAL=1: also evaluate the best and last checkpoints (a few minutes)
   for ck in checkpoints/checkpoint_stage2_best.pt checkpoints/checkpoint_stage3_best.pt \
             $(ls -t checkpoints/checkpoint_stage3_step_*.pt | head -1); do
     echo "== $ck"
