@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("triton")
 
-from mm_rec.ops import long_term_chunked, long_term_memory, short_term_chunked, short_term_memory  # noqa: E402
+from mm_rec.ops import (long_term_chunked, long_term_memory, short_term_chunked, short_term_memory,  # noqa: E402
+                        use_backend)
 from mm_rec.ops.long_term.kernel import long_term_kernel  # noqa: E402
 from mm_rec.ops.short_term.kernel import short_term_kernel  # noqa: E402
 
@@ -157,7 +158,7 @@ def test_long_term_parallel_state_pass_matches_fla_sequential(T, dtype, with_sta
 
 def test_dispatch_picks_kernels_on_cuda_only_when_allowed():
     """short/long_term_memory route CUDA fp32/bf16 to the kernels, fp64 and allow_kernels=False
-    to the PyTorch path; both agree."""
+    to the PyTorch path; both agree. A backend named by argument or use_backend overrides that."""
     torch.manual_seed(0)
     x = torch.randn(1, 100, 64, device=DEV)
     la = F.logsigmoid(torch.randn(1, 100, 64, device=DEV))
@@ -172,6 +173,11 @@ def test_dispatch_picks_kernels_on_cuda_only_when_allowed():
     assert rel(o_k, o_ref) < 5e-3
     o64, _ = long_term_memory(q.double(), q.double(), q.double(), g.double())
     assert o64.dtype == torch.float64 and rel(o64, o_ref) < 1e-12
+    # a backend named by the argument or by use_backend runs instead of the automatic choice
+    assert torch.equal(short_term_memory(x, la, backend="triton")[0], h_k)
+    with use_backend("chunk"):
+        assert torch.equal(short_term_memory(x, la)[0], h_p)
+        assert torch.equal(long_term_memory(q, q, q, g, backend="triton")[0], o_k)
 
 
 def test_model_gpu_path_matches_pytorch_path():
