@@ -7,14 +7,14 @@ memory (d=256 channels, fp32), as the training step calls them, for each impleme
 
     python benchmarks/bench_ops.py --shapes 4x512,2x8192,4x4096,8x8192 --out ops.json --profile 2x8192
 
-Variants (long-term): `gla` is the op the model runs (mm_rec.ops.gpu.recurrences.long_term_gpu):
-our kernels inside the chunks (gla_chunk.py), the chunk-boundary states computed in parallel over
-the chunks (chunk_states.py); `gla-fla-intra` the same op with fla-core's kernels inside the chunks
-(INTRA_KERNELS = "fla", 32-token chunks); `gla-fla-states` the op with fla's sequential state
-passes instead of ours (STATE_PASS = "fla"); `gla-bt64` fla's kernels inside fla's default
-64-token chunks;
-`fla-chunk_gla` is fla-core's own chunk_gla entry point (what a straightforward version calls).
-Short-term: `scan` is ours (diag_scan.py); `fla-hgrn` is fla-core's chunk_hgrn.
+Variants (long-term): `gla` is the op the model runs (mm_rec.ops.long_term.kernel.long_term_kernel):
+our kernels inside the chunks (kernel_intra.py), the chunk-boundary states computed in parallel
+over the chunks (kernel_states.py). The others swap fla-core's kernels in
+(benchmarks/fla_compare/gla.py): `gla-fla-intra` fla's kernels inside 32-token chunks;
+`gla-fla-states` fla's sequential state passes instead of ours; `gla-bt64` fla's kernels inside
+fla's default 64-token chunks; `fla-chunk_gla` is fla-core's own chunk_gla entry point (what a
+straightforward version calls).
+Short-term: `scan` is ours (mm_rec/ops/short_term/kernel.py); `fla-hgrn` is fla-core's chunk_hgrn.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.fla_compare import use_tuned_fla_configs  # noqa: E402
 
 LONG = ("gla", "gla-fla-intra", "gla-fla-states", "gla-bt64", "fla-chunk_gla")
 SHORT = ("scan", "fla-hgrn")
@@ -69,26 +71,23 @@ def make_inputs(B, T, H, D, dev, torch):
 
 
 def variant_fn(name):
-    from mm_rec.ops.gpu import recurrences
-    from mm_rec.ops.gpu.recurrences import long_term_gpu, short_term_gpu
-    # (kernels inside the chunks, state passes, chunk length when fla's kernels run inside), read
-    # before any variant has run and changed the module's settings
-    settings = {"gla": ("own", "parallel", recurrences.GLA_CHUNK),
-                "gla-fla-intra": ("fla", "parallel", recurrences.GLA_CHUNK),
-                "gla-fla-states": ("own", "fla", recurrences.GLA_CHUNK),
-                "gla-bt64": ("fla", "parallel", 64)}
-    if name in settings:
-        intra, states, chunk = settings[name]
-
-        def gla(t):  # the settings hold until the next variant runs: through this one's backward too
-            recurrences.INTRA_KERNELS, recurrences.STATE_PASS, recurrences.GLA_CHUNK = intra, states, chunk
-            return long_term_gpu(t["q"], t["k"], t["v"], t["log_alpha"])
-        return gla
+    from mm_rec.ops.long_term.kernel import long_term_kernel
+    from mm_rec.ops.short_term.kernel import short_term_kernel
+    if name == "gla":
+        return lambda t: long_term_kernel(t["q"], t["k"], t["v"], t["log_alpha"])
+    # (kernels inside the chunks, state passes, chunk length when fla's kernels run inside)
+    swapped = {"gla-fla-intra": ("fla", "parallel", 32), "gla-fla-states": ("own", "fla", 32),
+               "gla-bt64": ("fla", "parallel", 64)}
+    if name in swapped:
+        from benchmarks.fla_compare.gla import long_term_fla
+        intra, states, chunk = swapped[name]
+        return lambda t: long_term_fla(t["q"], t["k"], t["v"], t["log_alpha"], intra=intra, states=states,
+                                       chunk_size=chunk)
     if name == "fla-chunk_gla":
         from fla.ops.gla import chunk_gla
         return lambda t: chunk_gla(t["q"], t["k"], t["v"], t["log_alpha"], output_final_state=True)
     if name == "scan":
-        return lambda t: short_term_gpu(t["x"], t["log_a"])
+        return lambda t: short_term_kernel(t["x"], t["log_a"])
     if name == "fla-hgrn":
         from fla.ops.hgrn import chunk_hgrn
         return lambda t: chunk_hgrn(t["x"], t["log_a"], output_final_state=True)
@@ -115,7 +114,7 @@ def check_against_reference(shape, fns, t, results, torch):
         return [o.float()] + [inputs[n].grad.float() for n in names]
 
     ref_in = {n: t[n].detach().float().requires_grad_() for n in names}
-    ref = grads_of(lambda u: long_term_memory(u["q"], u["k"], u["v"], u["log_alpha"], allow_kernels=False),
+    ref = grads_of(lambda u: long_term_memory(u["q"], u["k"], u["v"], u["log_alpha"], backend="chunk"),
                    ref_in)
     for v, fn in fns.items():
         if v not in LONG:
@@ -137,6 +136,7 @@ def main(argv=None):
         return 2
     dev = torch.device("cuda")
     variants = args.variant_list
+    use_tuned_fla_configs()  # before fla is imported
     try:
         import fla  # noqa: F401  optional (pip install -e ".[fla]"): its kernels are only compared with
     except ImportError:

@@ -33,7 +33,7 @@ FLOPs (model FLOPs, no recomputation counted): per token 6 x the matmul paramete
 (every nn.Linear of the active experts, the fusion layer when on, and the LM head; the embedding
 excluded), plus the sequence mixers' own, forward x 3 for forward + backward:
   GLA (MM-Rec long-term memory), per layer and head: 2 Dk Dv (state update) + 2 Dk Dv (read-out)
-      + 2 (C/2)(Dk + Dv) (causal half of the intra-chunk product; C = 32, gla_chunk.BT; fla's GLA 64);
+      + 2 (C/2)(Dk + Dv) (causal half of the intra-chunk product; C = 32, kernel_intra.BT; fla's GLA 64);
   short-term diagonal recurrence: 2 d per layer;
   causal attention: 2 (T/2) 2 d per layer (QK^T and AV over the causal half).
 MFU = achieved FLOP/s over 989 TFLOP/s (H100 SXM dense bf16 datasheet); the table also gives it
@@ -192,7 +192,7 @@ def mixer_flops_per_token(variant, T, expert_type, model):
     layers = cfg.num_layers * (2 if expert_type in (None, "fused") else 1)
     d, H, Dh = cfg.expert_dim, cfg.num_heads, cfg.head_dim
     if variant.startswith("mmrec"):
-        from mm_rec.ops.gpu.gla_chunk import BT as GLA_CHUNK
+        from mm_rec.ops.long_term.kernel_intra import BT as GLA_CHUNK
         return layers * (H * (4 * Dh * Dh + GLA_CHUNK * 2 * Dh) + 2 * d)
     if variant == "ffn-only-graphed":
         return 0
@@ -219,15 +219,11 @@ def make_step(model, variant, compile_mode):
     mode = None if compile_mode == "default" else compile_mode
     if graphed:  # the compiled parts run inside the step's graph: no CUDA graphs of their own
         mode = inner_compile_mode(mode)
-    default_combo, compile_settings.COMBO_KERNELS = compile_settings.COMBO_KERNELS, combo
-    try:
-        if variant in ("mmrec-gpu-compiled", "mmrec-gpu-graphed"):  # the layer, once for all layers
-            model.compile_blocks(mode=mode)
-        elif "compiled" in variant or graphed:  # the whole loss: model, LM head, cross-entropy
-            # (MM-Rec's whole loss as train_modular --compile_scope model compiles it: no combo kernels)
-            loss_fn = compile_settings.compile_fn(loss_fn, mode=mode, combo=not variant.startswith("mmrec"))
-    finally:
-        compile_settings.COMBO_KERNELS = default_combo
+    if variant in ("mmrec-gpu-compiled", "mmrec-gpu-graphed"):  # the layer, once for all layers
+        model.compile_blocks(mode=mode, combo=combo)
+    elif "compiled" in variant or graphed:  # the whole loss: model, LM head, cross-entropy
+        # (MM-Rec's whole loss as train_modular --compile_scope model compiles it: no combo kernels)
+        loss_fn = compile_settings.compile_fn(loss_fn, mode=mode, combo=combo and not variant.startswith("mmrec"))
 
     compiled = "compiled" in variant
 
@@ -309,7 +305,8 @@ def main(argv=None):
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         check_variant(v)
-    import mm_rec.ops.gpu  # noqa: F401  first: it points fla at the shipped kernel configs (no autotuning)
+    from benchmarks.fla_compare import use_tuned_fla_configs
+    use_tuned_fla_configs()  # before fla is imported: its kernels run the tuned configs, no autotuning
     if "fla-gla" in variants:
         try:
             import fla.models  # noqa: F401

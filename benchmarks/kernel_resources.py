@@ -1,4 +1,4 @@
-"""Registers and spills of the long-term memory's chunk kernels (mm_rec/ops/gpu/gla_chunk.py),
+"""Registers and spills of the long-term memory's chunk kernels (mm_rec/ops/long_term/kernel_intra.py),
 compiled ahead of time for an H100 (sm_90) on any machine with Triton: no GPU needed. ptxas decides
 how many registers a thread gets and what spills to local memory ("stack" bytes a thread); a kernel
 that spills, or holds so many registers that few programs share an SM, loses to its memory floor.
@@ -85,15 +85,15 @@ def main(argv=None):
         import triton  # noqa: F401
     except ImportError:
         sys.exit("kernel_resources.py: needs Triton (pip install -e '.[gpu]' or '.[test]')")
-    from mm_rec.ops.gpu import gla_chunk
-    block = gla_chunk._block(args.head_dim)  # as gla_chunk_fwd / _bwd launch them
-    constants = dict(H=args.heads, K=args.head_dim, V=args.head_dim, BT=gla_chunk.BT, BK=block, BV=block)
-    shipped = {"gla_chunk_fwd": gla_chunk.NUM_WARPS_FWD, "gla_chunk_bwd": gla_chunk.NUM_WARPS_BWD}
+    from mm_rec.ops.long_term import kernel_intra
+    block = kernel_intra._block(args.head_dim)  # as gla_chunk_fwd / _bwd launch them
+    constants = dict(H=args.heads, K=args.head_dim, V=args.head_dim, BT=kernel_intra.BT, BK=block, BV=block)
+    shipped = {"gla_chunk_fwd": kernel_intra.NUM_WARPS_FWD, "gla_chunk_bwd": kernel_intra.NUM_WARPS_BWD}
     rows = []
     print(f"{'kernel':14s} {'warps':>5s} {'registers':>9s} {'spill B':>7s} {'shared B':>8s}")
     for name, (fn_name, pointers) in KERNELS.items():
         for w in args.warp_list:
-            kernel = compile_for_sm90(getattr(gla_chunk, fn_name), pointers, args.dtype, constants, w)
+            kernel = compile_for_sm90(getattr(kernel_intra, fn_name), pointers, args.dtype, constants, w)
             r = dict(kernel=name, warps=w, shipped=w == shipped[name], **resources(kernel))
             rows.append(r)
             mark = " (shipped)" if r["shipped"] else ""

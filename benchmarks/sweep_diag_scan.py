@@ -1,4 +1,4 @@
-"""GPU time of the short-term memory's scan alone (mm_rec/ops/gpu/diag_scan.py) for each launch
+"""GPU time of the short-term memory's scan alone (mm_rec/ops/short_term/kernel.py) for each launch
 configuration: tile (BT tokens x BD channels), warps per program and programs wanted per SM (how
 finely the sequence is cut into segments). Forward (diag_scan_fwd) and backward (diag_scan_bwd)
 timed separately as GPU time (the kernels' own time from torch.profiler, averaged over the calls:
@@ -14,6 +14,7 @@ active the batched layer runs B = 2 x the batch (4x8192 is 2x8192 with both expe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -25,7 +26,6 @@ if __package__ in (None, ""):
 # the same timing (medians of back-to-back calls) and list parsing as the GLA sweep
 from benchmarks.sweep_gla_chunk import int_tuples, timed  # noqa: E402
 
-SETTINGS = ("BT", "BD", "NUM_WARPS", "PROGRAMS_PER_SM")  # diag_scan's module settings swept
 
 
 def gpu_us(fn, calls):
@@ -69,9 +69,9 @@ def main(argv=None):
     import torch
     if not torch.cuda.is_available():
         sys.exit("sweep_diag_scan.py: needs a CUDA GPU")
-    from mm_rec.ops.gpu import diag_scan
+    from mm_rec.ops.short_term.kernel import SCAN_CONFIG, ScanConfig, diag_scan_bwd, diag_scan_fwd
 
-    shipped = {name: getattr(diag_scan, name) for name in SETTINGS}
+    shipped = SCAN_CONFIG
     rows = []
     print(f"{'shape':>8s} {'BTxBD':>7s} {'warps':>5s} {'pr/SM':>5s} {'fwd GPU':>8s} {'bwd GPU':>8s} "
           f"{'fwd wall':>8s} {'bwd wall':>8s} {'max err':>8s}   (us a call)")
@@ -81,38 +81,32 @@ def main(argv=None):
         # log-decays of the model's initial range (decays 0.5 .. 0.999)
         log_a = -torch.rand(B, T, args.dim, device="cuda", generator=gen) * 0.7
         dh = torch.randn_like(x)
-        ref_h = diag_scan.diag_scan_fwd(x, log_a)
-        ref_dx, ref_dg = diag_scan.diag_scan_bwd(dh, log_a, ref_h)
-        configs = [shipped] + [dict(zip(SETTINGS, (bt, bd, w, n))) for (bt, bd), w, n
+        ref_h = diag_scan_fwd(x, log_a)
+        ref_dx, ref_dg = diag_scan_bwd(dh, log_a, ref_h)
+        configs = [shipped] + [ScanConfig(bt, bd, w, n) for (bt, bd), w, n
                                in itertools.product(args.tile_list, args.warp_list, args.pps_list)]
         for config in configs:
-            for name, value in config.items():
-                setattr(diag_scan, name, value)
-            try:
-                h = diag_scan.diag_scan_fwd(x, log_a)
-                dx, dg = diag_scan.diag_scan_bwd(dh, log_a, h)
-                err = max(((a - b).abs().max() / b.abs().max()).item()
-                          for a, b in ((h, ref_h), (dx, ref_dx), (dg, ref_dg)))
-                fwd_call = lambda: diag_scan.diag_scan_fwd(x, log_a)
-                bwd_call = lambda: diag_scan.diag_scan_bwd(dh, log_a, h)
-                fwd, bwd = gpu_us(fwd_call, args.repeats), gpu_us(bwd_call, args.repeats)
-                fwd_wall = timed(fwd_call, args.repeats, args.inner)
-                bwd_wall = timed(bwd_call, args.repeats, args.inner)
-            finally:
-                for name, value in shipped.items():
-                    setattr(diag_scan, name, value)
-            row = {"shape": f"{B}x{T}", "dim": args.dim, **config, "fwd_us": fwd, "bwd_us": bwd,
+            h = diag_scan_fwd(x, log_a, config=config)
+            dx, dg = diag_scan_bwd(dh, log_a, h, config=config)
+            err = max(((a - b).abs().max() / b.abs().max()).item()
+                      for a, b in ((h, ref_h), (dx, ref_dx), (dg, ref_dg)))
+            fwd_call = lambda: diag_scan_fwd(x, log_a, config=config)
+            bwd_call = lambda: diag_scan_bwd(dh, log_a, h, config=config)
+            fwd, bwd = gpu_us(fwd_call, args.repeats), gpu_us(bwd_call, args.repeats)
+            fwd_wall = timed(fwd_call, args.repeats, args.inner)
+            bwd_wall = timed(bwd_call, args.repeats, args.inner)
+            row = {"shape": f"{B}x{T}", "dim": args.dim, **dataclasses.asdict(config), "fwd_us": fwd, "bwd_us": bwd,
                    "fwd_wall_us": fwd_wall, "bwd_wall_us": bwd_wall,
                    "max_rel_err": err, "shipped": config is shipped}
             rows.append(row)
             mark = " (shipped)" if config is shipped else ""
-            print(f"{row['shape']:>8s} {config['BT']:>3d}x{config['BD']:<3d} {config['NUM_WARPS']:5d} "
-                  f"{config['PROGRAMS_PER_SM']:5d} {fwd:8.1f} {bwd:8.1f} {fwd_wall:8.1f} {bwd_wall:8.1f} {err:8.1e}{mark}",
+            print(f"{row['shape']:>8s} {config.block_t:>3d}x{config.block_d:<3d} {config.num_warps:5d} "
+                  f"{config.programs_per_sm:5d} {fwd:8.1f} {bwd:8.1f} {fwd_wall:8.1f} {bwd_wall:8.1f} {err:8.1e}{mark}",
                   flush=True)
         best = min((r for r in rows if r["shape"] == f"{B}x{T}" and r["max_rel_err"] < 1e-4),
                    key=lambda r: r["fwd_us"] + r["bwd_us"])
         print(f"{B}x{T}: best GPU time fwd+bwd {best['fwd_us'] + best['bwd_us']:.1f} us at "
-              f"{best['BT']}x{best['BD']}, {best['NUM_WARPS']} warps, {best['PROGRAMS_PER_SM']} programs/SM")
+              f"{best['block_t']}x{best['block_d']}, {best['num_warps']} warps, {best['programs_per_sm']} programs/SM")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
         print(f"wrote {args.out}")

@@ -1,10 +1,11 @@
 """Try other launch configs for fla-core's GLA kernels at our head size, without fla's autotuner.
 
-mm_rec ships one config per fla kernel (mm_rec/ops/gpu/fla_configs, tuned once on an H100). Each
-candidate below overrides some of them in a copy of that folder; bench_ops.py then runs in a fresh
-process per candidate (FLA_CONFIG_DIR pointing at the copy) and reports the GPU time of one layer's
-long-term memory, forward + backward, and its error against the PyTorch reference. A candidate
-that wins everywhere is copied into fla_configs by hand.
+The comparisons run fla with one config per kernel (benchmarks/fla_compare/configs, tuned once on
+an H100). Each candidate below overrides some of them in a copy of that folder; bench_ops.py then
+runs in a fresh process per candidate (FLA_CONFIG_DIR pointing at the copy) and reports the GPU
+time of one layer's long-term memory with fla's kernels (inside the chunks; for the chunk-boundary
+states), forward + backward, and its error against the PyTorch reference. A candidate that wins
+everywhere is copied into fla_compare/configs by hand.
 
     python benchmarks/sweep_fla_configs.py --shapes 4x512,2x8192,4x4096,8x8192 --out sweep.json
 """
@@ -20,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "mm_rec" / "ops" / "gpu" / "fla_configs"
+SHIPPED = ROOT / "benchmarks" / "fla_compare" / "configs"
 
 
 def cfg(BK=None, BV=None, warps=4, stages=2):
@@ -62,7 +63,7 @@ def main(argv=None):
                 path.write_text(json.dumps(spec, indent=1))
             env = dict(os.environ, FLA_CACHE_MODE="default", FLA_CONFIG_DIR=str(folder))
             out = Path(tmp) / "ops.json"
-            cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--variants", "gla",
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--variants", "gla-fla-intra,gla-fla-states",
                    "--shapes", args.shapes, "--repeats", str(args.repeats), "--out", str(out),
                    "--check", args.shapes.split(",")[1 if "," in args.shapes else 0]]
             run = subprocess.run(cmd, env=env, capture_output=True, text=True)

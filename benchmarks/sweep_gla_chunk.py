@@ -1,7 +1,8 @@
-"""GPU time of the long-term memory's kernels alone, for each launch configuration: gla_chunk.py's
-two kernels (inside the chunks) for each number of warps per program, and with --state-pass the
-chunk-boundary state passes of chunk_states.py for each scan tile (G chunks x BK x BV) and number
-of warps of the contribution kernel. Medians of CUDA-event timings, a table and a JSON file.
+"""GPU time of the long-term memory's kernels alone, for each launch configuration: the two kernels
+inside the chunks (mm_rec/ops/long_term/kernel_intra.py) for each number of warps per program, and
+with --state-pass the chunk-boundary state passes (kernel_states.py) for each scan tile (G chunks x
+BK x BV) and number of warps of the contribution kernel. Medians of CUDA-event timings, a table and
+a JSON file.
 
     python benchmarks/sweep_gla_chunk.py --shapes 4x512,4x8192 --warps 1,2,4,8 --out sweep_gla.json
     python benchmarks/sweep_gla_chunk.py --shapes 4x8192 --warps 2,4 --maxnreg 0,128,168
@@ -88,25 +89,25 @@ def main(argv=None):
     import torch.nn.functional as F
     if not torch.cuda.is_available():
         sys.exit("sweep_gla_chunk.py: needs a CUDA GPU")
-    from mm_rec.ops.gpu import gla_chunk
-    from mm_rec.ops.gpu.chunk_states import chunk_states_bwd, chunk_states_fwd
+    from mm_rec.ops.long_term import kernel_intra
+    from mm_rec.ops.long_term.kernel_states import chunk_states_bwd, chunk_states_fwd
     rows = []
     for shape, (B, T) in zip(args.shapes.split(","), args.shape_list):
         H, D = args.heads, args.head_dim
         q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         g = F.logsigmoid(2 * torch.randn(B, T, H, D, device="cuda")) * args.decay_scale
-        gc = gla_chunk.chunk_cumsum(g)
-        h, _ = chunk_states_fwd(k, v, gc, None, gla_chunk.BT)
-        dh, _ = chunk_states_bwd(q, do, gc, None, D ** -0.5, gla_chunk.BT, need_dM0=False)
+        gc = kernel_intra.chunk_cumsum(g)
+        h, _ = chunk_states_fwd(k, v, gc, None, kernel_intra.BT)
+        dh, _ = chunk_states_bwd(q, do, gc, None, D ** -0.5, kernel_intra.BT, need_dM0=False)
         if args.state_pass:
             rows += sweep_state_pass(args, shape, q, k, v, do, gc, D)
             continue
         for w in args.warp_list:
-            gla_chunk.NUM_WARPS_FWD = gla_chunk.NUM_WARPS_BWD = w
-            fwd = timed(lambda: gla_chunk.gla_chunk_fwd(q, k, v, gc, h, D ** -0.5), args.repeats, args.inner)
+            fwd = timed(lambda: kernel_intra.gla_chunk_fwd(q, k, v, gc, h, D ** -0.5, num_warps=w),
+                        args.repeats, args.inner)
             for cap in args.maxnreg_list:
-                gla_chunk.MAXNREG_BWD = cap or None
-                bwd = timed(lambda: gla_chunk.gla_chunk_bwd(q, k, v, gc, h, dh, do, D ** -0.5), args.repeats, args.inner)
+                bwd = timed(lambda: kernel_intra.gla_chunk_bwd(q, k, v, gc, h, dh, do, D ** -0.5, num_warps=w,
+                                                               maxnreg=cap or None), args.repeats, args.inner)
                 rows.append(dict(shape=shape, warps=w, maxnreg=cap, fwd_us=round(fwd, 1), bwd_us=round(bwd, 1)))
                 print(f"{shape:8s} warps {w}  maxnreg {cap or '-':>3}  fwd {fwd:7.1f} us  bwd {bwd:7.1f} us", flush=True)
     if args.out:
@@ -116,15 +117,15 @@ def main(argv=None):
 
 def sweep_state_pass(args, shape, q, k, v, do, gc, D):
     """Forward (contributions + scan) and backward state pass for each scan tile and warps count."""
-    from mm_rec.ops.gpu import chunk_states, gla_chunk
+    from mm_rec.ops.long_term.kernel_intra import BT
+    from mm_rec.ops.long_term.kernel_states import StatePassConfig, chunk_states_bwd, chunk_states_fwd
     rows = []
     for tile, (G, BK, BV) in zip(args.scan_tiles.split(","), args.tile_list):
-        chunk_states.SCAN_G, chunk_states.SCAN_BK, chunk_states.SCAN_BV = G, BK, BV
         for w in args.warp_list:
-            chunk_states.CONTRIBUTION_WARPS = w
-            fwd = timed(lambda: chunk_states.chunk_states_fwd(k, v, gc, None, gla_chunk.BT), args.repeats, args.inner)
-            bwd = timed(lambda: chunk_states.chunk_states_bwd(q, do, gc, None, D ** -0.5, gla_chunk.BT,
-                                                              need_dM0=False), args.repeats, args.inner)
+            config = StatePassConfig(scan_chunks=G, block_k=BK, block_v=BV, contribution_warps=w)
+            fwd = timed(lambda: chunk_states_fwd(k, v, gc, None, BT, config=config), args.repeats, args.inner)
+            bwd = timed(lambda: chunk_states_bwd(q, do, gc, None, D ** -0.5, BT, need_dM0=False, config=config),
+                        args.repeats, args.inner)
             rows.append(dict(shape=shape, scan_tile=tile, contribution_warps=w, fwd_us=round(fwd, 1),
                              bwd_us=round(bwd, 1)))
             print(f"{shape:8s} scan {tile:9s} contribution warps {w}  fwd {fwd:7.1f} us  bwd {bwd:7.1f} us",

@@ -8,14 +8,12 @@ from mm_rec.utils import compile as compile_settings
 COMBO = {"combo_kernels": True, "combo_kernel_per_subkernel_blocks": True}
 
 
-def test_inductor_options_are_the_modes_own_with_combo_kernels(monkeypatch):
+def test_inductor_options_are_the_modes_own_with_combo_kernels():
     assert compile_settings.inductor_options(None) == COMBO
     assert compile_settings.inductor_options("reduce-overhead") == {"triton.cudagraphs": True, **COMBO}
     assert compile_settings.inductor_options("reduce-overhead", combo=False) == {"triton.cudagraphs": True}
     tuned = compile_settings.inductor_options("max-autotune-no-cudagraphs")
     assert tuned["max_autotune"] is True and tuned["combo_kernels"] is True
-    monkeypatch.setattr(compile_settings, "COMBO_KERNELS", False)
-    assert compile_settings.inductor_options("reduce-overhead") == {"triton.cudagraphs": True}
     with pytest.raises(RuntimeError, match="mode"):
         compile_settings.inductor_options("fastest")
 
@@ -41,6 +39,12 @@ def test_compile_by_tokens_picks_the_combo_compile_for_small_calls_only(monkeypa
         torch.testing.assert_close(f(x), fn(x))
     assert [o.get("combo_kernels", False) for o in seen] == [True, False, True]
     assert all(o["triton.cudagraphs"] for o in seen)
+    # combo=False (bench_train.py's -nocombo variants): neither compile has them
+    seen.clear()
+    f = compile_settings.compile_by_tokens(fn, lambda x: x.shape[0], mode="reduce-overhead", combo=False)
+    for n in (6, 7):
+        f(torch.randn(n, 3))
+    assert [o.get("combo_kernels", False) for o in seen] == [False, False]
 
 
 def test_compile_fn_computes_what_the_function_computes():

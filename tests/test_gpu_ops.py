@@ -14,8 +14,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("triton")
 
-from mm_rec.ops import long_term_chunked, long_term_memory, short_term_chunked, short_term_memory  # noqa: E402
-from mm_rec.ops.gpu import long_term_gpu, short_term_gpu  # noqa: E402
+from mm_rec.ops import (long_term_chunked, long_term_memory, short_term_chunked, short_term_memory,  # noqa: E402
+                        use_backend)
+from mm_rec.ops.long_term.kernel import long_term_kernel  # noqa: E402
+from mm_rec.ops.short_term.kernel import short_term_kernel  # noqa: E402
 
 DEV = "cuda"
 TS = [63, 512, 4096, 8192]
@@ -65,7 +67,7 @@ def test_short_term_kernel(T, dtype, with_state):
     inputs = [x, log_a, h0]
     weights = [torch.randn(B, T, D, device=DEV, dtype=torch.float64),
                torch.randn(B, D, device=DEV, dtype=torch.float64)]
-    outs, grads = run_and_grads(lambda *a: short_term_gpu(*a), inputs, weights)
+    outs, grads = run_and_grads(lambda *a: short_term_kernel(*a), inputs, weights)
     assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
     ref_in = [None if t is None else t.double() for t in inputs]
     ref_outs, ref_grads = run_and_grads(lambda *a: short_term_chunked(*a, chunk_size=64), ref_in, weights)
@@ -86,7 +88,7 @@ def test_long_term_kernel(T, dtype, with_state):
 @pytest.mark.parametrize("strength", [1.5, 20])
 def test_long_term_kernel_with_decays_beyond_fp32_range(dtype, with_state, strength):
     """Decays of up to e^-200 a token: 2^(g_i - g_j) factorised as 2^(g_i) 2^(-g_j) over a chunk
-    would overflow fp32. gla_chunk.py factorises a chunk only where its exponents stay under 60 and
+    would overflow fp32. kernel_intra.py factorises a chunk only where its exponents stay under 60 and
     computes the others exactly: strength 1.5 mixes the two kinds of chunk (about half are
     factorised), 20 has only exact ones. T = 1000 ends in a partial chunk."""
     torch.manual_seed(7 + with_state + int(strength))
@@ -102,7 +104,7 @@ def test_long_term_kernel_at_other_head_sizes(head_dim, dtype):
 
 
 def check_long_term(name, B, T, H, Dk, dtype, with_state, decay_scale):
-    """long_term_gpu against the float64 chunked reference: outputs, M_T, every gradient."""
+    """long_term_kernel against the float64 chunked reference: outputs, M_T, every gradient."""
     q, k, v = (torch.randn(B, T, H, Dk, device=DEV).to(dtype) for _ in range(3))
     log_alpha = F.logsigmoid(2 * torch.randn(B, T, H, Dk, device=DEV)) * decay_scale
     M0 = torch.randn(B, H, Dk, Dk, device=DEV) if with_state else None
@@ -110,7 +112,7 @@ def check_long_term(name, B, T, H, Dk, dtype, with_state, decay_scale):
     weights = [torch.randn(B, T, H, Dk, device=DEV, dtype=torch.float64),
                torch.randn(B, H, Dk, Dk, device=DEV, dtype=torch.float64)]
     scale = Dk ** -0.5
-    outs, grads = run_and_grads(lambda *a: long_term_gpu(*a, scale=scale), inputs, weights)
+    outs, grads = run_and_grads(lambda *a: long_term_kernel(*a, scale=scale), inputs, weights)
     assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
     ref_in = [None if t is None else t.double() for t in inputs]
     # chunk 64: a quarter of the default's sequential chunk steps (float64 is exact at either size)
@@ -122,15 +124,15 @@ def check_long_term(name, B, T, H, Dk, dtype, with_state, decay_scale):
 @pytest.mark.parametrize("T", [63, 512, 1000, 8192])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_long_term_parallel_state_pass_matches_fla_sequential(T, dtype, with_state):
-    """chunk_states.py's chunk-parallel states and state gradients equal fla's sequential passes
+    """kernel_states.py's chunk-parallel states and state gradients equal fla's sequential passes
     (chunk_fwd_h / chunk_bwd_dh): every chunk's state, the final state, dM0."""
     pytest.importorskip("fla")
     from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
     from fla.ops.utils.constant import RCP_LN2
     from fla.ops.utils.cumsum import chunk_local_cumsum
 
-    from mm_rec.ops.gpu.chunk_states import chunk_states_bwd, chunk_states_fwd
-    from mm_rec.ops.gpu.gla_chunk import BT
+    from mm_rec.ops.long_term.kernel_intra import BT
+    from mm_rec.ops.long_term.kernel_states import chunk_states_bwd, chunk_states_fwd
     torch.manual_seed(T + with_state)
     B, H, D, scale = 3, 4, 32, 32 ** -0.5  # BT: the chunk length the model runs
     q, k, v, do = (torch.randn(B, T, H, D, device=DEV).to(dtype) for _ in range(4))
@@ -156,7 +158,7 @@ def test_long_term_parallel_state_pass_matches_fla_sequential(T, dtype, with_sta
 
 def test_dispatch_picks_kernels_on_cuda_only_when_allowed():
     """short/long_term_memory route CUDA fp32/bf16 to the kernels, fp64 and allow_kernels=False
-    to the PyTorch path; both agree."""
+    to the PyTorch path; both agree. A backend named by argument or use_backend overrides that."""
     torch.manual_seed(0)
     x = torch.randn(1, 100, 64, device=DEV)
     la = F.logsigmoid(torch.randn(1, 100, 64, device=DEV))
@@ -171,6 +173,11 @@ def test_dispatch_picks_kernels_on_cuda_only_when_allowed():
     assert rel(o_k, o_ref) < 5e-3
     o64, _ = long_term_memory(q.double(), q.double(), q.double(), g.double())
     assert o64.dtype == torch.float64 and rel(o64, o_ref) < 1e-12
+    # a backend named by the argument or by use_backend runs instead of the automatic choice
+    assert torch.equal(short_term_memory(x, la, backend="triton")[0], h_k)
+    with use_backend("chunk"):
+        assert torch.equal(short_term_memory(x, la)[0], h_p)
+        assert torch.equal(long_term_memory(q, q, q, g, backend="triton")[0], o_k)
 
 
 def test_model_gpu_path_matches_pytorch_path():
@@ -248,7 +255,7 @@ def test_a_model_compiled_in_a_fresh_process_runs_the_kernels():
     code = """
 import sys, torch
 from mm_rec.model import MMRec100M, MMRecConfig
-assert "mm_rec.ops.gpu" not in sys.modules
+assert "mm_rec.ops.short_term.kernel" not in sys.modules and "mm_rec.ops.long_term.kernel" not in sys.modules
 model = MMRec100M(config=MMRecConfig(vocab_size=256, expert_dim=64, num_layers=2, num_heads=2, ffn_dim=128)).cuda()
 model.compile_blocks()
 x = torch.randint(0, 256, (2, 128), device="cuda")

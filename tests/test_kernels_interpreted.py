@@ -1,7 +1,7 @@
 """The GPU path's Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1).
 
 tests/test_gpu_ops.py holds the kernels to the PyTorch reference on a GPU; CI has none. Here the
-same ops (mm_rec.ops.gpu.recurrences: long_term_gpu, short_term_gpu, with their autograd) run on
+same ops (long_term_kernel, short_term_kernel in mm_rec/ops/*/kernel.py, with their autograd) run on
 CPU tensors in the interpreter, which executes each kernel program with NumPy, and are checked
 against the float64 chunked reference: outputs, final states, the gradient of every input. The
 interpreter computes in fp32 (no tf32, no bf16), so the bounds are tight. Small shapes: it runs
@@ -58,7 +58,7 @@ def _errors(fn, ref_fn, inputs, n_out):
 
 
 def _fast_fraction(log_alpha, chunk=32):
-    """The share of chunks whose decays allow the factorised path (gla_chunk.py's test, in torch)."""
+    """The share of chunks whose decays allow the factorised path (kernel_intra.py's test, in torch)."""
     import torch
     import torch.nn.functional as F
     B, T, H, K = log_alpha.shape
@@ -73,21 +73,22 @@ def run_cases() -> dict:
     import torch.nn.functional as F
 
     from mm_rec.ops import long_term_chunked, short_term_chunked
-    from mm_rec.ops.gpu.recurrences import long_term_gpu, short_term_gpu
+    from mm_rec.ops.long_term.kernel import long_term_kernel
+    from mm_rec.ops.short_term.kernel import short_term_kernel
     out = {}
     for name, (B, T, H, Dk, decay, with_state) in LONG_CASES.items():
         gen = torch.Generator().manual_seed(T)
         q, k, v = (torch.randn(B, T, H, Dk, generator=gen) for _ in range(3))
         log_alpha = F.logsigmoid(2 * torch.randn(B, T, H, Dk, generator=gen)) * decay
         M0 = torch.randn(B, H, Dk, Dk, generator=gen) if with_state else None
-        errs = _errors(long_term_gpu, lambda *a: long_term_chunked(*a, chunk_size=16), [q, k, v, log_alpha, M0], 2)
+        errs = _errors(long_term_kernel, lambda *a: long_term_chunked(*a, chunk_size=16), [q, k, v, log_alpha, M0], 2)
         out["long: " + name] = dict(errors=errs, fast_fraction=_fast_fraction(log_alpha))
     for name, (B, T, D, with_state) in SHORT_CASES.items():
         gen = torch.Generator().manual_seed(T)
         x = torch.randn(B, T, D, generator=gen)
         log_a = F.logsigmoid(torch.randn(B, T, D, generator=gen) + torch.linspace(0, 7, D))
         h0 = torch.randn(B, D, generator=gen) if with_state else None
-        out["short: " + name] = dict(errors=_errors(short_term_gpu, short_term_chunked, [x, log_a, h0], 2))
+        out["short: " + name] = dict(errors=_errors(short_term_kernel, short_term_chunked, [x, log_a, h0], 2))
     return out
 
 
@@ -114,7 +115,7 @@ def test_long_term_kernels_match_the_reference(interpreted, name):
     assert max(case["errors"]) < BOUND, case["errors"]
     decay = LONG_CASES[name][4]
     fast = case["fast_fraction"]
-    # the cases cover both of gla_chunk.py's paths, and the mix
+    # the cases cover both of kernel_intra.py's paths, and the mix
     assert fast == 1.0 if decay < 1 else (fast == 0.0 if decay > 10 else 0.0 < fast < 1.0), fast
 
 
@@ -127,21 +128,22 @@ def test_short_term_kernels_match_the_reference(interpreted, name):
 
 
 def test_short_term_segments_follow_the_gpu_size():
-    """diag_scan cuts a sequence into segments for about PROGRAMS_PER_SM programs per SM, counted on
+    """The scan cuts a sequence into segments for about programs_per_sm programs per SM, counted on
     the GPU it runs on: half the SMs, half the segments (each twice as long), whole tiles each."""
     pytest.importorskip("triton")
-    from mm_rec.ops.gpu import diag_scan
-    per_sm = diag_scan.PROGRAMS_PER_SM
+    from mm_rec.ops.short_term import kernel
+    config = kernel.SCAN_CONFIG
+    per_sm = config.programs_per_sm
     B, T, D = 4, 8192, 256
-    tiles = D // diag_scan.BD
+    tiles = D // config.block_d
     for sms in (132, 66, 20):
-        ns, seg = diag_scan._segments(B, T, D, sms)
+        ns, seg = kernel._segments(B, T, D, sms)
         want = per_sm * sms // (B * tiles)
-        assert 0.9 * want <= ns <= want and seg % diag_scan.BT == 0 and ns * seg >= T > (ns - 1) * seg
-    assert diag_scan._segments(B, T, D, 66)[1] == 2 * diag_scan._segments(B, T, D, 132)[1]
-    assert diag_scan._segments(1, 40, D, 132) == (2, 32)  # never more segments than tiles
+        assert 0.9 * want <= ns <= want and seg % config.block_t == 0 and ns * seg >= T > (ns - 1) * seg
+    assert kernel._segments(B, T, D, 66)[1] == 2 * kernel._segments(B, T, D, 132)[1]
+    assert kernel._segments(1, 40, D, 132) == (2, 32)  # never more segments than tiles
     import torch
-    assert diag_scan._num_sms(torch.device("cpu")) == 132
+    assert kernel._num_sms(torch.device("cpu")) == 132
 
 if __name__ == "__main__":
     print(json.dumps(run_cases()))

@@ -158,3 +158,46 @@ def test_hybrid_scan_keeps_bf16_dtype_and_gradients():
     torch.testing.assert_close(g_h, g_r)
     assert associative_scan_exponential_hybrid(gamma.detach().bfloat16()).dtype == torch.bfloat16
     assert math.isclose(associative_scan_exponential_hybrid(torch.zeros(1, 1, 3, 1))[0, 0, 2, 0].item(), 0.0)
+
+
+def test_backend_is_chosen_by_argument_or_context(monkeypatch):
+    """short/long_term_memory run the backend named by their argument, else by the innermost
+    use_backend block, else "auto" (the chunked form on the CPU); a block restores the one around
+    it, and an unknown name is refused."""
+    import mm_rec.ops as ops
+    from mm_rec.ops import long_term_memory, reference_mode, short_term_memory, use_backend
+
+    calls = []
+    for name in ("short_term_naive", "short_term_chunked", "long_term_naive", "long_term_chunked"):
+        fn = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _name=name, _fn=fn, **kw: (calls.append(_name), _fn(*a, **kw))[1])
+    x, log_a, h0 = short_term_inputs(2, 40, 8)
+    q, k, v, log_alpha, M0 = long_term_inputs(1, 40, 2, 4, 4)
+
+    def short(**kw):
+        calls.clear()
+        short_term_memory(x, log_a, h0, **kw)
+        return calls[0].removeprefix("short_term_")
+
+    def long(**kw):
+        calls.clear()
+        long_term_memory(q, k, v, log_alpha, M0, **kw)
+        return calls[0].removeprefix("long_term_")
+
+    assert short() == long() == "chunked"
+    assert short(backend="naive") == long(backend="naive") == "naive"
+    with use_backend("naive"):
+        assert short() == long() == "naive"
+        assert long(backend="chunk") == "chunked"  # the argument wins
+        with use_backend(None):
+            assert short() == "chunked"
+        assert short() == "naive"
+    assert short() == "chunked"
+    with reference_mode():
+        assert long() == "naive"
+    assert long() == "chunked"
+    with pytest.raises(ValueError, match="backend"):
+        short(backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        with use_backend("fast"):
+            pass

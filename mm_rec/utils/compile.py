@@ -14,17 +14,15 @@ import torch
 #   2x8192, one expert (Stage 2, 16,384)                 33.3 against 34.1 ms
 #   2x8192, both experts (32,768)                        62.1 against 60.6 ms
 # so a layer call gets them up to COMBO_KERNELS_MAX_TOKENS tokens (experts x batch x time).
-# COMBO_KERNELS = False turns them off everywhere (bench_train.py's -nocombo variants).
-COMBO_KERNELS = True
 COMBO_KERNELS_MAX_TOKENS = 16384
 
 
 def inductor_options(mode: str | None = None, combo: bool = True) -> dict:
-    """Inductor's options for `mode` (None: the default), combo kernels added when `combo` and
-    COMBO_KERNELS. torch.compile takes a mode or options, not both: the mode's own are spelled out."""
+    """Inductor's options for `mode` (None: the default), combo kernels added when `combo`.
+    torch.compile takes a mode or options, not both: the mode's own are spelled out."""
     import torch._inductor.config as inductor_config
     options = dict(torch._inductor.list_mode_options(mode or "default"))
-    if combo and COMBO_KERNELS:
+    if combo:
         # (only the settings this torch has: torch.compile rejects an unknown option, and the
         # per-sub-kernel blocks are newer than combo kernels themselves)
         options.update({name: True for name in ("combo_kernels", "combo_kernel_per_subkernel_blocks")
@@ -44,11 +42,12 @@ def compile_fn(fn: Callable, mode: str | None = None, combo: bool = True, **kwar
     return torch.compile(fn, options=inductor_options(mode, combo), **kwargs)
 
 
-def compile_by_tokens(fn: Callable, tokens: Callable[..., int], mode: str | None = None, **kwargs) -> Callable:
-    """fn compiled twice: with combo kernels for calls of at most COMBO_KERNELS_MAX_TOKENS tokens
-    (tokens(*args)), without them above. Each compiles on its first call; a captured CUDA graph
-    holds whichever ran."""
-    small = compile_fn(fn, mode, combo=True, **kwargs)
+def compile_by_tokens(fn: Callable, tokens: Callable[..., int], mode: str | None = None, combo: bool = True,
+                      **kwargs) -> Callable:
+    """fn compiled twice: with combo kernels (if `combo`; False: none anywhere, bench_train.py's
+    -nocombo variants) for calls of at most COMBO_KERNELS_MAX_TOKENS tokens (tokens(*args)),
+    without them above. Each compiles on its first call; a captured CUDA graph holds whichever ran."""
+    small = compile_fn(fn, mode, combo=combo, **kwargs)
     large = compile_fn(fn, mode, combo=False, **kwargs)
 
     def by_tokens(*args):

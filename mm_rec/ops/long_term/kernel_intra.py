@@ -1,6 +1,6 @@
 """The long-term memory's work inside each chunk, one Triton program per (chunk, sequence, head).
 
-With the states at chunk boundaries from chunk_states.py (S: the state a chunk starts from, dS':
+With the states at chunk boundaries from kernel_states.py (S: the state a chunk starts from, dS':
 the gradient of the state it ends with), every chunk is independent:
 
     forward   o_i  = scale (q_i 2^(g_i)) S + scale sum_{j<=i} A_ij v_j,
@@ -219,13 +219,9 @@ def _block(d: int) -> int:
 # 64 for 2) and 2 backward (185 us against 257 for 4 and 282 for 1; 224 before the backward
 # kernel was reordered); at 8x512 2 was fastest both ways (benchmarks/sweep_gla_chunk.py)
 NUM_WARPS_FWD, NUM_WARPS_BWD = 1, 2
-# a cap on the backward kernel's registers a thread (ptxas .maxnreg; None: ptxas chooses, 255 here).
-# Fewer registers let more programs share an SM but spill more: caps of 96, 128 and 168 took it from
-# 182 us to 499, 335 and 263 at 4x8192, 2 warps (sweep_gla_chunk.py --maxnreg). Kept for sweeps.
-MAXNREG_BWD = None
 
 
-def gla_chunk_fwd(q, k, v, g_cumsum, h, scale: float):
+def gla_chunk_fwd(q, k, v, g_cumsum, h, scale: float, num_warps: int = NUM_WARPS_FWD):
     """o [B, T, H, V] in v's dtype. q, k, v [B, T, H, K|V]; g_cumsum from chunk_cumsum; h: the
     state each chunk starts from [B, NT, H, K, V] fp32 (chunk_states_fwd)."""
     B, T, H, K = q.shape
@@ -233,18 +229,22 @@ def gla_chunk_fwd(q, k, v, g_cumsum, h, scale: float):
     o = torch.empty_like(v)
     _gla_chunk_fwd_kernel[(triton.cdiv(T, BT), B * H)](
         q, k, v, g_cumsum, h, o, scale, T, H=H, K=K, V=V, BT=BT, BK=_block(K), BV=_block(V),
-        num_warps=NUM_WARPS_FWD)
+        num_warps=num_warps)
     return o
 
 
-def gla_chunk_bwd(q, k, v, g_cumsum, h, dh, do, scale: float):
-    """(dq, dk, dv in their inputs' dtypes, dg fp32: the gradient of the natural log-decay)."""
+def gla_chunk_bwd(q, k, v, g_cumsum, h, dh, do, scale: float, num_warps: int = NUM_WARPS_BWD,
+                  maxnreg: int | None = None):
+    """(dq, dk, dv in their inputs' dtypes, dg fp32: the gradient of the natural log-decay).
+
+    maxnreg caps the kernel's registers a thread (ptxas .maxnreg; None: ptxas chooses, 255 here).
+    Fewer registers let more programs share an SM but spill more: caps of 96, 128 and 168 took it
+    from 182 us to 499, 335 and 263 at 4x8192, 2 warps (sweep_gla_chunk.py --maxnreg)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg = torch.empty_like(g_cumsum)
     _gla_chunk_bwd_kernel[(triton.cdiv(T, BT), B * H)](
         q, k, v, g_cumsum, h, dh, do, dq, dk, dv, dg, scale, T, H=H, K=K, V=V, BT=BT,
-        BK=_block(K), BV=_block(V), num_warps=NUM_WARPS_BWD,
-        **({} if MAXNREG_BWD is None else {"maxnreg": MAXNREG_BWD}))
+        BK=_block(K), BV=_block(V), num_warps=num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg}))
     return dq, dk, dv, dg

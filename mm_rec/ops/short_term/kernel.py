@@ -1,4 +1,5 @@
-"""Triton kernels for the short-term memory h_t = exp(log_a_t) h_{t-1} + x_t (fp32 throughout).
+"""The short-term memory h_t = exp(log_a_t) h_{t-1} + x_t on CUDA: a Triton scan (fp32 throughout)
+wrapped as an opaque torch.library op with its autograd, `short_term_kernel`.
 
 The sequence is cut into `NS` segments so that B x (D / BD) x NS programs fill the GPU. Inside a
 program, tiles of BT tokens x BD channels are scanned with `tl.associative_scan` over the pairs
@@ -10,20 +11,34 @@ The backward pass is the same recurrence run backwards in time over the output g
     g_t = dh_t + a_{t+1} g_{t+1},   dx_t = g_t,   dlog_a_t = g_t a_t h_{t-1},
 which the same kernel does with REVERSE (rows read from the segment's end, the decay read one
 token ahead); pass 2 also writes dlog_a.
+
+Why a custom op: torch.compile sees it as one opaque node, so the whole training step compiles and
+can be CUDA-graphed. Without CUDA the kernel runs only in Triton's interpreter (TRITON_INTERPRET=1),
+as tests/test_kernels_interpreted.py runs it on the CPU.
 """
 import functools
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-# Tile (tokens x channels), warps per program, and programs wanted per SM when the sequence is cut
-# into segments: the fastest of 54 configurations at every shape swept on an H100
-# (benchmarks/sweep_diag_scan.py; GPU time forward + backward against 64x64 tiles, 4 warps,
-# 4 programs per SM: 172 vs 194 us at 4x8192, 89 vs 99 at 2x8192, 22 vs 26 at 8x512).
-BT, BD = 32, 32
-NUM_WARPS = 2
-PROGRAMS_PER_SM = 8
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """A launch configuration: tile (block_t tokens x block_d channels), warps per program, and
+    programs wanted per SM when the sequence is cut into segments."""
+    block_t: int = 32
+    block_d: int = 32
+    num_warps: int = 2
+    programs_per_sm: int = 8
+
+
+# The fastest of 54 configurations at every shape swept on an H100 (benchmarks/sweep_diag_scan.py;
+# GPU time forward + backward against 64x64 tiles, 4 warps, 4 programs per SM: 172 vs 194 us at
+# 4x8192, 89 vs 99 at 2x8192, 22 vs 26 at 8x512).
+SCAN_CONFIG = ScanConfig()
 
 
 @triton.jit
@@ -91,9 +106,11 @@ def diag_scan_kernel(X, G, H, HPREV, H0, SUM_A, SUM_X, DG, T, NS, SEG,
         tl.store(SUM_X + (i_b * NS + i_s) * D + cols, carry, mask=cmask)
 
 
-def _segments(B, T, D, num_sms=132):
-    """Segment length (a multiple of BT) giving about PROGRAMS_PER_SM programs per SM."""
-    want = max(1, (PROGRAMS_PER_SM * num_sms) // (B * triton.cdiv(D, BD)))
+def _segments(B, T, D, num_sms=132, config: ScanConfig = SCAN_CONFIG):
+    """(number of segments, segment length): lengths a multiple of block_t, about
+    programs_per_sm programs per SM."""
+    BT, BD = config.block_t, config.block_d
+    want = max(1, (config.programs_per_sm * num_sms) // (B * triton.cdiv(D, BD)))
     ns = max(1, min(want, triton.cdiv(T, BT)))
     seg = triton.cdiv(triton.cdiv(T, ns), BT) * BT
     return triton.cdiv(T, seg), seg
@@ -108,9 +125,10 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _run(x, g, h0, reverse, hprev=None):
+def _run(x, g, h0, reverse, hprev=None, config: ScanConfig = SCAN_CONFIG):
     B, T, D = x.shape
-    ns, seg = _segments(B, T, D, _num_sms(x.device))
+    BT, BD = config.block_t, config.block_d
+    ns, seg = _segments(B, T, D, _num_sms(x.device), config)
     out = torch.empty(B, T, D, device=x.device, dtype=torch.float32)
     dg = torch.empty_like(out) if reverse else out
     sum_a = sum_x = out  # unused when ns == 1
@@ -120,20 +138,81 @@ def _run(x, g, h0, reverse, hprev=None):
         diag_scan_kernel[(triton.cdiv(D, BD), ns, B)](
             x, g, out, hprev if reverse else x, h0 if h0 is not None else x, sum_a, sum_x, dg,
             T, ns, seg, D=D, BT=BT, BD=BD, REVERSE=reverse, APPLY=False, HAS_H0=h0 is not None,
-            num_warps=NUM_WARPS)
+            num_warps=config.num_warps)
     diag_scan_kernel[(triton.cdiv(D, BD), ns, B)](
         x, g, out, hprev if reverse else x, h0 if h0 is not None else x, sum_a, sum_x, dg,
         T, ns, seg, D=D, BT=BT, BD=BD, REVERSE=reverse, APPLY=True, HAS_H0=h0 is not None,
-        num_warps=NUM_WARPS)
+        num_warps=config.num_warps)
     return out, dg
 
 
-def diag_scan_fwd(x, log_a, h0=None):
+def diag_scan_fwd(x, log_a, h0=None, config: ScanConfig = SCAN_CONFIG):
     """x, log_a: [B, T, D] contiguous; h0: [B, D] fp32 or None. Returns h [B, T, D] fp32."""
-    return _run(x, log_a, h0, reverse=False)[0]
+    return _run(x, log_a, h0, reverse=False, config=config)[0]
 
 
-def diag_scan_bwd(dh, log_a, h, h0=None):
+def diag_scan_bwd(dh, log_a, h, h0=None, config: ScanConfig = SCAN_CONFIG):
     """dh: [B, T, D] gradient of h (the final state's gradient already added at T-1).
     Returns (dx, dlog_a), both fp32."""
-    return _run(dh, log_a, h0, reverse=True, hprev=h)
+    return _run(dh, log_a, h0, reverse=True, hprev=h, config=config)
+
+
+# -- the op: forward, backward and autograd, opaque to torch.compile ------------------------------
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("mmrec::diag_scan_fwd", mutates_args=())
+def scan_fwd(x: Tensor, g: Tensor, h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """x, g: [B, T, D] fp32 contiguous; h0: [B, D] fp32 or None. Returns (h fp32, h_T fp32)."""
+    h = diag_scan_fwd(x, g, h0)
+    return h, h[:, -1].clone()
+
+
+@scan_fwd.register_fake
+def _(x, g, h0):
+    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2])
+
+
+@torch.library.custom_op("mmrec::diag_scan_bwd", mutates_args=())
+def scan_bwd(g: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor, dhT: Optional[Tensor]
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Reverse scan: dx_t = dh_t + a_{t+1} dx_{t+1}, dlog_a_t = dx_t a_t h_{t-1}, dh0 = a_0 dx_0."""
+    dh = dh.float().contiguous()
+    if dhT is not None:  # the final state is h[:, -1]: its gradient joins the last token's
+        dh = dh.clone()
+        dh[:, -1] += dhT
+    dx, dg = diag_scan_bwd(dh, g, h, h0)
+    dh0 = h.new_empty(0) if h0 is None else dx[:, 0] * g[:, 0].exp()
+    return dx, dg, dh0
+
+
+@scan_bwd.register_fake
+def _(g, h, h0, dh, dhT):
+    dh0 = h.new_empty(0) if h0 is None else torch.empty_like(h0)
+    return torch.empty_like(h), torch.empty_like(g), dh0
+
+
+def _scan_setup(ctx, inputs, output):
+    _, g, h0 = inputs
+    ctx.save_for_backward(g, output[0], h0)
+    ctx.has_h0 = h0 is not None
+
+
+def _scan_backward(ctx, dh, dhT):
+    g, h, h0 = ctx.saved_tensors
+    if dh is None:
+        dh = torch.zeros_like(h)
+    dx, dg, dh0 = scan_bwd(g, h, h0 if ctx.has_h0 else None, dh, dhT)
+    return dx, dg, (dh0 if ctx.has_h0 else None)
+
+
+scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
+
+
+def short_term_kernel(x: Tensor, log_a: Tensor, h0: Optional[Tensor] = None):
+    """short_term_memory on the Triton scan: returns (h [B, T, D] in x's dtype, h_T [B, D] fp32)."""
+    if x.shape[1] == 0:
+        return x, (x.new_zeros(x.shape[0], x.shape[2], dtype=torch.float32) if h0 is None else h0.float())
+    h0 = None if h0 is None else h0.float().contiguous()
+    h, hT = scan_fwd(x.float().contiguous(), log_a.float().contiguous(), h0)
+    return h.to(x.dtype), hT

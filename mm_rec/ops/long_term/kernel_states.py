@@ -1,8 +1,8 @@
 """The long-term memory's chunk-boundary states, computed in parallel over the chunks.
 
-The chunked GLA (gla_chunk.py inside the chunks, or fla's kernels: recurrences.py) needs the state
-M at every chunk boundary, and in backward its gradient. fla's chunk_fwd_h / chunk_bwd_dh carry
-the state through the chunks in one program per (sequence, head): at T = 8192 that is 128
+The chunked GLA (kernel_intra.py inside the chunks) needs the state M at every chunk boundary, and
+in backward its gradient. fla's chunk_fwd_h / chunk_bwd_dh carry the state through the chunks in
+one program per (sequence, head): at T = 8192 that is 128
 dependent steps (64-token chunks), each a load of the chunk's k and v, a 64-deep matmul and a
 store, on 16 programs at batch 2 -- latency-bound, ~110 us each on an H100 while the GPU idles.
 Here the same states come in two kernels:
@@ -18,20 +18,31 @@ Here the same states come in two kernels:
 g is fla's base-2 cumulative log-decay within each chunk (chunk_local_cumsum(..., scale=1/ln 2)),
 [B, T, H, K] fp32. Outputs use fla's layout (h, dh: [B, NT, H, K, V] fp32) and meaning, so fla's
 other GLA kernels take them unchanged, as do ours; tests/test_gpu_ops.py holds both to fla's
-sequential pass.
+sequential pass (fla-core is imported only there and in benchmarks/fla_compare).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# Scan tiles: G chunks x [BK, BV] elements per step of the loop. At K = V = 32, 32 programs per
-# (sequence, head); 256 chunks (T = 8192 at 32-token chunks) take 16 steps. The fastest of seven
-# tiles at 4x8192 on an H100 (benchmarks/sweep_gla_chunk.py --state-pass): 76 + 73 us
-# forward + backward against 88 + 81 for the earlier 32 x 8 x 16.
-SCAN_G, SCAN_BK, SCAN_BV = 16, 4, 8
-CONTRIBUTION_WARPS = 4
+
+@dataclass(frozen=True)
+class StatePassConfig:
+    """A launch configuration: the scan's tile (scan_chunks chunks x [block_k, block_v] elements per
+    step of its loop) and the warps of the contribution kernel."""
+    scan_chunks: int = 16
+    block_k: int = 4
+    block_v: int = 8
+    contribution_warps: int = 4
+
+
+# At K = V = 32, 32 programs per (sequence, head); 256 chunks (T = 8192 at 32-token chunks) take 16
+# steps. The fastest of seven tiles at 4x8192 on an H100 (benchmarks/sweep_gla_chunk.py
+# --state-pass): 76 + 73 us forward + backward against 88 + 81 for the earlier 32 x 8 x 16.
+STATE_PASS_CONFIG = StatePassConfig()
 
 
 @triton.jit
@@ -122,42 +133,44 @@ def _state_scan_kernel(u, g, states, s0, s_final, T, NT, H: tl.constexpr, K: tl.
         tl.store(s_final + i_bh.to(tl.int64) * K * V + tile, carry, mask=m_kv)
 
 
-def _contributions(a, b, g, scale, chunk_size, forward):
+def _contributions(a, b, g, scale, chunk_size, forward, num_warps):
     B, T, H, K = a.shape
     V = b.shape[-1]
     NT = triton.cdiv(T, chunk_size)
     out = a.new_empty(B, NT, H, K, V, dtype=torch.float32)
     _chunk_contribution_kernel[(NT, B * H)](
         a, b, g, out, scale, T, H=H, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
-        BV=max(16, triton.next_power_of_2(V)), FORWARD=forward, num_warps=CONTRIBUTION_WARPS)
+        BV=max(16, triton.next_power_of_2(V)), FORWARD=forward, num_warps=num_warps)
     return out
 
 
-def _scan(u, g, s0, T, chunk_size, reverse, store_final):
+def _scan(u, g, s0, T, chunk_size, reverse, store_final, config: StatePassConfig):
     B, NT, H, K, V = u.shape
     states = torch.empty_like(u)
     final = u.new_empty(B, H, K, V) if store_final else None
-    grid = (triton.cdiv(K, SCAN_BK) * triton.cdiv(V, SCAN_BV), B * H)
+    BK, BV = config.block_k, config.block_v
+    grid = (triton.cdiv(K, BK) * triton.cdiv(V, BV), B * H)
     _state_scan_kernel[grid](
         u, g, states, s0 if s0 is not None else u, final if final is not None else u, T, NT, H=H, K=K, V=V,
-        BT=chunk_size, G=SCAN_G, BK=SCAN_BK, BV=SCAN_BV, REVERSE=reverse, HAS_S0=s0 is not None,
+        BT=chunk_size, G=config.scan_chunks, BK=BK, BV=BV, REVERSE=reverse, HAS_S0=s0 is not None,
         STORE_FINAL=store_final, num_warps=4)
     return states, final
 
 
-def chunk_states_fwd(k, v, g_cumsum, M0, chunk_size: int = 64):
+def chunk_states_fwd(k, v, g_cumsum, M0, chunk_size: int = 64, config: StatePassConfig = STATE_PASS_CONFIG):
     """(h [B, NT, H, K, V] fp32: the state each chunk starts from, M_T [B, H, K, V] fp32) -- what
     fla's chunk_fwd_h(k, v, gk=g_cumsum, h0=M0, output_final_state=True, states_in_fp32=True) gives."""
     T = k.shape[1]
-    u = _contributions(k, v, g_cumsum, 1.0, chunk_size, forward=True)
+    u = _contributions(k, v, g_cumsum, 1.0, chunk_size, True, config.contribution_warps)
     return _scan(u, g_cumsum, None if M0 is None else M0.float().contiguous(), T, chunk_size,
-                 reverse=False, store_final=True)
+                 reverse=False, store_final=True, config=config)
 
 
-def chunk_states_bwd(q, do, g_cumsum, dM_T, scale: float, chunk_size: int = 64, need_dM0: bool = True):
+def chunk_states_bwd(q, do, g_cumsum, dM_T, scale: float, chunk_size: int = 64, need_dM0: bool = True,
+                     config: StatePassConfig = STATE_PASS_CONFIG):
     """(dh [B, NT, H, K, V] fp32: the gradient of the state each chunk ends with, dM0 or None) --
     what fla's chunk_bwd_dh(q, k, v, gk=g_cumsum, do, h0, dht=dM_T, scale, states_in_fp32=True) gives."""
     T = q.shape[1]
-    dq_part = _contributions(q, do, g_cumsum, scale, chunk_size, forward=False)
+    dq_part = _contributions(q, do, g_cumsum, scale, chunk_size, False, config.contribution_warps)
     return _scan(dq_part, g_cumsum, None if dM_T is None else dM_T.float().contiguous(), T, chunk_size,
-                 reverse=True, store_final=need_dM0)
+                 reverse=True, store_final=need_dM0, config=config)
