@@ -46,7 +46,7 @@ class LoadedModel:
 # Config fields read from disk, by kind: every one is checked before it sizes anything (a vocab of
 # 2**40 from a hand-edited config.json must be one line, not an attempt to allocate it).
 _INT_FIELDS = ("vocab_size", "expert_dim", "num_layers", "num_heads", "ffn_dim", "mdi_dim", "alpha_rank",
-               "chunk_size", "max_unchunked_len")
+               "scan_chunk_size", "chunk_size", "max_unchunked_len")  # chunk_size: scan_chunk_size's old name
 _SIZE_FIELDS = ("vocab_size", "expert_dim", "num_heads", "ffn_dim", "mdi_dim", "alpha_rank")  # they shape weights
 _BLOCK_KEY = re.compile(r"experts\.([^.]+)\.blocks\.(\d+)\.")
 _FLOAT_FIELDS = ("alpha_temperature", "dropout", "norm_eps", "init_std")
