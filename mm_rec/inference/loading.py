@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import MMRecConfig
+from ..model.config import MMRecConfig, upgrade_config_dict
 from ..model.mmrec import MMRec100M
 from ..utils.errors import UserError
 
@@ -260,7 +260,7 @@ def _load_export_dir(path: Path) -> LoadedModel:
         raise UserError(f"{config_file} is not readable JSON ({e})") from None
     if isinstance(config_dict, dict) and config_dict.get("model_type") == "mmrec":
         # written by export --format hf: our fields among the Hugging Face ones
-        config_dict = {k: v for k, v in config_dict.items() if k in MMRecConfig.__dataclass_fields__}
+        config_dict = {k: v for k, v in upgrade_config_dict(config_dict).items() if k in MMRecConfig.__dataclass_fields__}
     config = config_from_dict(config_dict, config_file)
     try:
         state_dict = load_file(str(weights))

@@ -67,20 +67,20 @@ def block_forward(linears: dict, norms: dict, x: torch.Tensor, h0, M0, s: BlockS
 
 # -- the block, one token -------------------------------------------------------------------------
 def block_step(linears: dict, norms: dict, x: torch.Tensor, h: torch.Tensor, M: torch.Tensor, s: BlockSettings):
-    """block_forward for one token, O(1) in the context: x [E, B, d]; h [E*B, d] and M
-    [E*B, H, d_h, d_h] (the states' dtype is the recurrences' compute dtype). Returns (y, h, M)."""
-    E, B, d = x.shape
+    """block_forward for one token, O(1) in the context: x [E, B, d] (or one expert's [B, d]); h
+    [E*B, d] and M [E*B, H, d_h, d_h], whose dtype the recurrences are computed in. Returns (y, h, M)."""
+    rows, d = h.shape
     H, Dh = s.num_heads, d // s.num_heads
     W = expert_linears(linears)
     u, q, k, v, log_gamma, x_in, log_alpha = _block_inputs(W, norms, x, s)
     ct = h.dtype
     # 4. h_t = i_t * z_t + gamma_t * h_{t-1}
-    h = log_gamma.reshape(E * B, d).to(ct).exp() * h + x_in.reshape(E * B, d).to(ct)
+    h = log_gamma.reshape(rows, d).to(ct).exp() * h + x_in.reshape(rows, d).to(ct)
     # 5. M_t = diag(alpha_t) M_{t-1} + k_t^T v_t;  o_t = (q_t / sqrt(d_h)) M_t
-    heads = lambda t: t.reshape(E * B, H, Dh).to(ct)
+    heads = lambda t: t.reshape(rows, H, Dh).to(ct)
     M = heads(log_alpha).unsqueeze(-1).exp() * M + heads(k).unsqueeze(-1) * heads(v).unsqueeze(-2)
     o = torch.einsum("bhk,bhkv->bhv", heads(q) * Dh ** -0.5, M)
-    y = _block_outputs(W, norms, x, u, h.reshape(E, B, d), o.reshape(E, B, H, Dh), s)
+    y = _block_outputs(W, norms, x, u, h.reshape(x.shape), o.reshape(*x.shape[:-1], H, Dh), s)
     return y, h, M
 
 
@@ -145,9 +145,8 @@ class _GateMath(torch.autograd.Function):
 def _block_outputs(W: dict, norms: dict, x, u, h, o, s: BlockSettings) -> torch.Tensor:
     """Steps 6-7 on x, u [E, N, d], the short-term memory h [E, N, d] and the long-term read-out
     o [E, N, H, d_h]: x + dropout(W_o [RMSNorm(h) ; GroupRMSNorm(o) * silu(W_og u)]), then the FFN."""
-    E, N, d = x.shape
     h, o = h.to(u.dtype), o.to(u.dtype)
-    o = F.rms_norm(o, (o.shape[-1],), eps=s.norm_eps).reshape(E, N, d) * per_expert(norms["o_norm"])
+    o = F.rms_norm(o, (o.shape[-1],), eps=s.norm_eps).reshape(x.shape) * per_expert(norms["o_norm"])
     mixed = torch.cat([rms_norm(h, norms["h_norm"], s.norm_eps), o * F.silu(linear(u, W["out_gate"]))], -1)
     x = x + F.dropout(linear(mixed, W["out_proj"]), s.dropout, s.training)
     ffn_hidden = linear_bias_in_gemm(rms_norm(x, norms["ffn_norm"], s.norm_eps), W["ffn_in"])
@@ -165,17 +164,6 @@ def layer_forward(blocks: list, x: torch.Tensor, states: list | None, block_fn=N
     return y, [{"h": h, "M": M} for h, M in zip(h_T.chunk(E), M_T.chunk(E))]
 
 
-def layer_step(blocks: list, x: torch.Tensor, states: list | None):
-    """Layer l of E experts on one token x [E, B, d]; states: per expert {"h", "M"}, or None."""
-    E, B = x.shape[:2]
-    if states is None:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        states = [blocks[0].init_state(B, x.device, dtype) for _ in range(E)]
-    cat = lambda key: states[0][key] if E == 1 else torch.cat([st[key] for st in states])
-    y, h, M = block_step(*block_weights(blocks), x, cat("h"), cat("M"), blocks[0].settings())
-    return y, [{"h": h_e, "M": M_e} for h_e, M_e in zip(h.chunk(E), M.chunk(E))]
-
-
 # -- one expert's parameters ----------------------------------------------------------------------
 class MDIGate(nn.Module):
     """The MDI's parameters: W_gamma (base_in, base_out: d -> r -> d) and W_c (context_in,
@@ -190,7 +178,7 @@ class MDIGate(nn.Module):
 class MMRecBlock(nn.Module):
     """One expert's block: its parameters, under the names checkpoints store, and the block for
     that expert alone (E = 1). The model runs the experts' blocks of one layer together through
-    layer_forward / layer_step."""
+    layer_forward."""
 
     def __init__(self, config: MMRecConfig):
         super().__init__()
@@ -248,5 +236,7 @@ class MMRecBlock(nn.Module):
 
     def step(self, x: torch.Tensor, state: dict | None = None):
         """x [B, d], one token -> (y [B, d], new state): forward with T = 1, O(1) in the context."""
-        y, states = layer_step([self], x.unsqueeze(0), None if state is None else [state])
-        return y[0], states[0]
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
+        y, h, M = block_step(*block_weights([self]), x, state["h"], state["M"], self.settings())
+        return y, {"h": h, "M": M}
