@@ -8,6 +8,11 @@
 With expert_type="text" only the text expert runs and the code half of f is zeros (and vice versa).
 Memory states are {"text": [{"h", "M"} per layer], "code": [...]}, holding the experts that ran;
 a missing expert or None starts from zeros.
+
+Three lengths, three names: `chunk_size` (forward, loss, consume; the guide's) is how many tokens
+run per span, the states carried from span to span; `head_chunk` (loss) how many tokens the LM head
+and cross-entropy take at a time; `config.scan_chunk_size` the chunk length inside the short-term
+recurrence's parallel form (mm_rec.ops' chunk_size).
 """
 from __future__ import annotations
 
@@ -153,21 +158,21 @@ class MMRec100M(nn.Module):
         hidden = self._hidden(features)
         return (self.lm_head(hidden) if output == "logits" else hidden), new_states
 
-    def _run(self, input_ids, expert_type, memory_states, chunk_size, output: str):
-        """The whole sequence, chunk_size tokens at a time carrying the states (see forward)."""
+    def _run(self, input_ids, expert_type, memory_states, span, output: str):
+        """The whole sequence, `span` tokens at a time carrying the states (forward's chunk_size)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         active = self._experts_for(expert_type)
         T = input_ids.shape[1]
-        if chunk_size is None and T > self.config.max_unchunked_len:
-            chunk_size = self.config.max_unchunked_len
-        if chunk_size is not None and chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        if chunk_size is None or chunk_size >= T:
+        if span is None and T > self.config.max_unchunked_len:
+            span = self.config.max_unchunked_len
+        if span is not None and span <= 0:
+            raise ValueError(f"chunk_size must be positive, got {span}")
+        if span is None or span >= T:
             return self._forward_span(input_ids, active, memory_states, output)
         pieces, states = [], memory_states
-        for start in range(0, T, chunk_size):
-            piece, states = self._forward_span(input_ids[:, start:start + chunk_size], active, states, output)
+        for start in range(0, T, span):
+            piece, states = self._forward_span(input_ids[:, start:start + span], active, states, output)
             pieces.append(piece)
         return (None if output == "none" else torch.cat(pieces, dim=1)), states
 
