@@ -47,7 +47,8 @@ def expert_linears(linears: dict) -> dict:
     pieces, so backward is one cat of their gradients, not a zero-filled copy per piece. One expert
     skips the cat/split pair in forward and backward (eager steps are bound by the host's per-op cost)."""
     if len(next(iter(linears.values()))[0]) == 1:
-        return {name: (weights[0], None if biases is None else biases[0]) for name, (weights, biases) in linears.items()}
+        return {name: (weights[0], None if biases is None else biases[0])
+                for name, (weights, biases) in linears.items()}
     parts, layout = [], []
     for name in LINEARS:
         weights, biases = linears[name]

@@ -22,7 +22,8 @@ class ExpertModule(nn.Module):
 
     def forward(self, x: torch.Tensor, states: list | None = None, gradient_checkpointing: bool = False):
         """x: [B, T, d]; states: one {"h", "M"} per block or None. Returns (y, new_states)."""
-        outputs, new_states = experts_forward([self], x, None if states is None else [states], gradient_checkpointing)
+        outputs, new_states = experts_forward([self], x, None if states is None else [states],
+                                              gradient_checkpointing)
         return outputs[0], new_states[0]
 
     def step(self, x: torch.Tensor, states: list | None = None):
