@@ -17,7 +17,7 @@ VOCAB = 300
 def tiny_model(seed=0, use_fusion=False, dtype=torch.float64):
     torch.manual_seed(seed)
     config = MMRecConfig(vocab_size=VOCAB, expert_dim=16, num_layers=2, num_heads=2, ffn_dim=32,
-                         chunk_size=8, init_std=0.1, fusion_method="weighted")
+                         scan_chunk_size=8, init_std=0.1, fusion_method="weighted")
     model = MMRec100M(config=config)
     with torch.no_grad():  # move the fusion layer off the identity so "fused" is its own function
         for p in model.fusion.parameters():

@@ -11,7 +11,7 @@ F64 = torch.float64
 
 def tiny_model(seed=0, **overrides) -> MMRec100M:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=101, expert_dim=16, num_layers=2, num_heads=4, ffn_dim=32, chunk_size=8)
+    cfg = dict(vocab_size=101, expert_dim=16, num_layers=2, num_heads=4, ffn_dim=32, scan_chunk_size=8)
     cfg.update(overrides)
     model = MMRec100M(config=MMRecConfig(**cfg)).to(F64)
     # Random (not zero-initialised) fusion and biases, so the properties are not met by accident.
@@ -189,7 +189,7 @@ def test_kernel_fusion_switch_computes_the_same_function():
 
 @pytest.mark.parametrize("expert_type", [None, "code"])
 def test_both_experts_batched_equal_expert_by_expert_with_gradients_and_states(expert_type):
-    """model/stacked.py (the active experts in one batched computation; E = 1 for one expert) ==
+    """model/batched.py (the active experts in one batched computation; E = 1 for one expert) ==
     each expert's own blocks (MMRecBlock.forward)."""
     model = tiny_model(use_fusion=True, dropout=0.0)
     active = ("text", "code") if expert_type is None else (expert_type,)
@@ -280,9 +280,9 @@ def test_recomputed_gates_give_the_same_gradients_and_save_activations(expert_ty
 
 
 def test_stacked_bias_inside_the_gemm_equals_the_bias_added_after():
-    """stacked._linear_bias_in_gemm (the bias a row of the weight, against a column of ones): the
+    """batched.linear_bias_in_gemm (the bias a row of the weight, against a column of ones): the
     same output and the same gradients, the bias's included, as the product plus the bias."""
-    from mm_rec.model.stacked import BIAS_COLUMNS, _linear, _linear_bias_in_gemm
+    from mm_rec.model.batched import BIAS_COLUMNS, linear as _linear, linear_bias_in_gemm as _linear_bias_in_gemm
     gen = torch.Generator().manual_seed(3)
     E, N, d_in, d_out = 2, 50, 24, 40
     x, w, b = (torch.randn(*shape, generator=gen, dtype=F64, requires_grad=True)

@@ -38,7 +38,7 @@ def make_checkpoint(directory: Path) -> Path:
     texts = ["The whale surfaced near the ship. Ahab watched, silent. def main(): return 0\n"] * 20
     tokenizer = train_tokenizer(texts, vocab_size=VOCAB)
     torch.manual_seed(0)
-    config = MMRecConfig(vocab_size=VOCAB, expert_dim=16, num_layers=2, num_heads=2, ffn_dim=32, chunk_size=8,
+    config = MMRecConfig(vocab_size=VOCAB, expert_dim=16, num_layers=2, num_heads=2, ffn_dim=32, scan_chunk_size=8,
                          init_std=0.1, fusion_method="weighted")
     model = MMRec100M(config=config).eval()
     path = directory / "checkpoint_stage3_step_10.pt"

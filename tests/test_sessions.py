@@ -14,7 +14,7 @@ VOCAB = 300
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
     config = MMRecConfig(**{**dict(vocab_size=VOCAB, expert_dim=16, num_layers=2, num_heads=2, ffn_dim=32,
-                                   chunk_size=8, init_std=0.1), **overrides})
+                                   scan_chunk_size=8, init_std=0.1), **overrides})
     return MMRec100M(config=config).eval()
 
 

@@ -10,7 +10,7 @@ from mm_rec.model import MMRec100M, MMRecConfig
 
 def tiny_model():
     torch.manual_seed(0)
-    config = MMRecConfig(vocab_size=50, expert_dim=16, num_layers=2, num_heads=2, ffn_dim=32, chunk_size=8,
+    config = MMRecConfig(vocab_size=50, expert_dim=16, num_layers=2, num_heads=2, ffn_dim=32, scan_chunk_size=8,
                          init_std=0.1)
     return MMRec100M(config=config).double().eval()
 

@@ -11,7 +11,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from ..model.config import MMRecConfig
+from ..model.config import MMRecConfig, upgrade_config_dict
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(MMRecConfig))
 EXPERT_TYPES = (None, "fused", "text", "code")
@@ -21,6 +21,7 @@ class MMRecHFConfig(PretrainedConfig):
     model_type = "mmrec"
 
     def __init__(self, expert_type: str | None = None, use_cache: bool = True, **kwargs):
+        kwargs = upgrade_config_dict(kwargs)  # a config.json of an earlier version
         arch = MMRecConfig(**{name: kwargs.pop(name) for name in _FIELDS if name in kwargs})  # checked, defaults filled
         if expert_type not in EXPERT_TYPES:
             raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {expert_type!r}")

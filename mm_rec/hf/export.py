@@ -40,7 +40,7 @@ SHIPPED = (
     "mm_rec.model.config", "mm_rec.model.norms", "mm_rec.model.fusion", "mm_rec.model.loss",
     "mm_rec.ops.short_term.chunk", "mm_rec.ops.short_term.naive", "mm_rec.ops.short_term",
     "mm_rec.ops.long_term.chunk", "mm_rec.ops.long_term.naive", "mm_rec.ops.long_term", "mm_rec.ops",
-    "mm_rec.model.block", "mm_rec.model.expert", "mm_rec.model.stacked", "mm_rec.model.mmrec",
+    "mm_rec.model.batched", "mm_rec.model.block", "mm_rec.model.expert", "mm_rec.model.mmrec",
     "mm_rec.inference.state", "mm_rec.inference.decode", "mm_rec.inference.generation",
     "mm_rec.hf.configuration_mmrec", "mm_rec.hf.cache_mmrec", "mm_rec.hf.modeling_mmrec",
 )

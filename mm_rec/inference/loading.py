@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import MMRecConfig
+from ..model.config import MMRecConfig, upgrade_config_dict
 from ..model.mmrec import MMRec100M
 from ..utils.errors import UserError
 
@@ -46,7 +46,7 @@ class LoadedModel:
 # Config fields read from disk, by kind: every one is checked before it sizes anything (a vocab of
 # 2**40 from a hand-edited config.json must be one line, not an attempt to allocate it).
 _INT_FIELDS = ("vocab_size", "expert_dim", "num_layers", "num_heads", "ffn_dim", "mdi_dim", "alpha_rank",
-               "chunk_size", "max_unchunked_len")
+               "scan_chunk_size", "chunk_size", "max_unchunked_len")  # chunk_size: scan_chunk_size's old name
 _SIZE_FIELDS = ("vocab_size", "expert_dim", "num_heads", "ffn_dim", "mdi_dim", "alpha_rank")  # they shape weights
 _BLOCK_KEY = re.compile(r"experts\.([^.]+)\.blocks\.(\d+)\.")
 _FLOAT_FIELDS = ("alpha_temperature", "dropout", "norm_eps", "init_std")
@@ -260,7 +260,7 @@ def _load_export_dir(path: Path) -> LoadedModel:
         raise UserError(f"{config_file} is not readable JSON ({e})") from None
     if isinstance(config_dict, dict) and config_dict.get("model_type") == "mmrec":
         # written by export --format hf: our fields among the Hugging Face ones
-        config_dict = {k: v for k, v in config_dict.items() if k in MMRecConfig.__dataclass_fields__}
+        config_dict = {k: v for k, v in upgrade_config_dict(config_dict).items() if k in MMRecConfig.__dataclass_fields__}
     config = config_from_dict(config_dict, config_file)
     try:
         state_dict = load_file(str(weights))

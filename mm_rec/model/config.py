@@ -20,8 +20,11 @@ class MMRecConfig:
     dropout: float = 0.0
     fusion_method: str = "concatenate"  # "concatenate" or "weighted"
     use_fusion: bool = False
-    chunk_size: int = 64           # chunk length of the parallel recurrences
-    max_unchunked_len: int = 32768  # longer inputs are processed in chunks automatically
+    # Chunk length C of the short-term recurrence's parallel (chunked) PyTorch form, the op's
+    # chunk_size; it changes rounding only. (Saved configs call it "chunk_size": from_dict maps it.)
+    scan_chunk_size: int = 64
+    # Longer inputs run max_unchunked_len tokens at a time, carrying the states (forward's chunk_size).
+    max_unchunked_len: int = 32768
     norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = False
@@ -33,7 +36,7 @@ class MMRecConfig:
         self.expert_names = tuple(self.expert_names)
         problems = []
         for name in ("vocab_size", "expert_dim", "num_layers", "num_heads", "ffn_dim", "mdi_dim",
-                     "alpha_rank", "chunk_size"):
+                     "alpha_rank", "scan_chunk_size"):
             if int(getattr(self, name)) <= 0:
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
         if self.expert_dim % max(1, self.num_heads):
@@ -57,8 +60,12 @@ class MMRecConfig:
         d["expert_names"] = list(self.expert_names)
         return d
 
+    # Field names of earlier versions, as saved in their checkpoints and config.json files.
+    RENAMED = {"chunk_size": "scan_chunk_size"}
+
     @classmethod
     def from_dict(cls, d: dict) -> "MMRecConfig":
+        d = upgrade_config_dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -77,6 +84,16 @@ class MMRecConfig:
     def arch_hash(self) -> str:
         blob = json.dumps(self.arch_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def upgrade_config_dict(d: dict) -> dict:
+    """A saved config dict with the fields of earlier versions renamed (MMRecConfig.RENAMED)."""
+    d = dict(d)
+    for old, new in MMRecConfig.RENAMED.items():
+        if old in d:
+            value = d.pop(old)
+            d.setdefault(new, value)
+    return d
 
 
 PRESETS = {

@@ -8,6 +8,11 @@
 With expert_type="text" only the text expert runs and the code half of f is zeros (and vice versa).
 Memory states are {"text": [{"h", "M"} per layer], "code": [...]}, holding the experts that ran;
 a missing expert or None starts from zeros.
+
+Three lengths, three names: `chunk_size` (forward, loss, consume; the guide's) is how many tokens
+run per span, the states carried from span to span; `head_chunk` (loss) how many tokens the LM head
+and cross-entropy take at a time; `config.scan_chunk_size` the chunk length inside the short-term
+recurrence's parallel form (mm_rec.ops' chunk_size).
 """
 from __future__ import annotations
 
@@ -15,11 +20,10 @@ import torch
 import torch.nn as nn
 
 from .config import MMRecConfig
-from .expert import ExpertModule
+from .expert import ExpertModule, experts_forward
 from .fusion import FusionLayer
 from .loss import chunked_cross_entropy
 from .norms import RMSNorm
-from .stacked import stacked_experts_forward
 
 EXPERT_TYPES = (None, "text", "code", "fused")
 
@@ -47,8 +51,8 @@ class MMRec100M(nn.Module):
     # -- switches --------------------------------------------------------------------------------
     @property
     def use_kernel_fusion(self) -> bool:
-        """Fused input projection, both experts as one batched computation (model/stacked.py) and,
-        on CUDA, the recurrence kernels (default True). False runs the same maths expert by
+        """Fused input projection, the active experts as one batched computation (model/batched.py)
+        and, on CUDA, the recurrence kernels (default True). False runs the same maths expert by
         expert, as separate projections, on the plain PyTorch recurrences."""
         return self._use_kernel_fusion
 
@@ -60,7 +64,7 @@ class MMRec100M(nn.Module):
                 block.use_kernel_fusion = self._use_kernel_fusion
 
     def compile_blocks(self, mode: str | None = None, **compile_kwargs) -> "MMRec100M":
-        """torch.compile the layer (model/stacked.py's block function) instead of the whole model:
+        """torch.compile the layer (model/block.py's block_forward) instead of the whole model:
         every layer of every expert runs the same maths on its own weights, so one compiled graph
         (and, with mode="reduce-overhead", one CUDA graph per call) serves them all and compile
         time does not grow with depth. loss() also compiles its LM head and cross-entropy (per
@@ -69,12 +73,12 @@ class MMRec100M(nn.Module):
         few tokens (mm_rec/utils/compile.py). Returns self."""
         from ..ops import load_gpu_backend
         from ..utils.compile import compile_by_tokens, compile_fn
+        from .block import block_forward
         from .loss import _head_loss_sum
-        from .stacked import _stacked_block
         # The kernels are imported before tracing: the traced recurrences call them, not PyTorch's.
         load_gpu_backend()
         # x [E, B, T, d]: combo kernels for calls of few tokens (mm_rec/utils/compile.py)
-        self._block_fn = compile_by_tokens(_stacked_block, lambda linears, norms, x, *_: x.numel() // x.shape[-1],
+        self._block_fn = compile_by_tokens(block_forward, lambda linears, norms, x, *_: x.numel() // x.shape[-1],
                                            mode=mode, fullgraph=True, **compile_kwargs)
         # The LM head and loss per chunk: compiled too (no CUDA graphs: a few large kernels), so the
         # fp32 cast, log-softmax and gather are fused rather than the chunk's fp32 logits written out.
@@ -138,12 +142,11 @@ class MMRec100M(nn.Module):
         """One span through the active experts -> (logits | LM-head input | None, new states)."""
         x = self.embedding(input_ids)
         ckpt = self.use_gradient_checkpointing and self.training
-        if self._use_kernel_fusion:  # the active experts as one batched computation (model/stacked.py)
+        if self._use_kernel_fusion:  # the active experts as one batched computation (model/batched.py)
             states = None
             if memory_states is not None and any(memory_states.get(n) is not None for n in active):
                 states = [memory_states.get(n) or self._zero_states(n, x) for n in active]
-            outs, new = stacked_experts_forward([self.experts[n] for n in active], x, states, ckpt,
-                                                self._block_fn)
+            outs, new = experts_forward([self.experts[n] for n in active], x, states, ckpt, self._block_fn)
             features, new_states = dict(zip(active, outs)), dict(zip(active, new))
         else:
             features, new_states = {}, {}
@@ -155,21 +158,21 @@ class MMRec100M(nn.Module):
         hidden = self._hidden(features)
         return (self.lm_head(hidden) if output == "logits" else hidden), new_states
 
-    def _run(self, input_ids, expert_type, memory_states, chunk_size, output: str):
-        """The whole sequence, chunk_size tokens at a time carrying the states (see forward)."""
+    def _run(self, input_ids, expert_type, memory_states, span, output: str):
+        """The whole sequence, `span` tokens at a time carrying the states (forward's chunk_size)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         active = self._experts_for(expert_type)
         T = input_ids.shape[1]
-        if chunk_size is None and T > self.config.max_unchunked_len:
-            chunk_size = self.config.max_unchunked_len
-        if chunk_size is not None and chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        if chunk_size is None or chunk_size >= T:
+        if span is None and T > self.config.max_unchunked_len:
+            span = self.config.max_unchunked_len
+        if span is not None and span <= 0:
+            raise ValueError(f"chunk_size must be positive, got {span}")
+        if span is None or span >= T:
             return self._forward_span(input_ids, active, memory_states, output)
         pieces, states = [], memory_states
-        for start in range(0, T, chunk_size):
-            piece, states = self._forward_span(input_ids[:, start:start + chunk_size], active, states, output)
+        for start in range(0, T, span):
+            piece, states = self._forward_span(input_ids[:, start:start + span], active, states, output)
             pieces.append(piece)
         return (None if output == "none" else torch.cat(pieces, dim=1)), states
 
