@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh train_compiled     # the real run with --compile_mode reduce-overhead
 #   bash benchmarks/gpu_session.sh train_graphed      # the real run with --compile --cuda_graph
 #   bash benchmarks/gpu_session.sh ops sweep          # the recurrences alone; fla launch configs
+#   bash benchmarks/gpu_session.sh guide bundled      # every guide command as typed; the bundled-corpus 100M run
 # A call returns at most 8 files from $OUT: PACK_LOGS=NAME.tgz packs the logs into one at the end.
 set -u
 # SITE: where the wheels go (WHEELS: which; default fla-core only, the flash-linear-attention wheel
@@ -106,6 +107,54 @@ if has ddp; then
       || { echo "resume failed"; tail -5 "$OUT/train_resume1.log"; }
   python3 benchmarks/compare_runs.py $RUNS/single $RUNS/ddp2_same_global $RUNS/resume1 $RUNS/ddp2 \
       --json "$OUT/train_ddp.json"
+fi
+if has guide; then  # every command of the training guide as typed (+ --max_steps G), on the bundled corpus
+  G=${GUIDE_STEPS:-40}; GD=/tmp/guide; rm -rf $GD; mkdir -p $GD/s1.3 $GD/s4 $GD/s8.1 $GD/s10
+  guide() {  # guide NAME DIR command...: the command from DIR, its log under $OUT, one line of result
+    local name=$1 dir=$2; shift 2
+    (cd "$GD/$dir" && timeout 900 "$@") > "$OUT/guide_$name.log" 2>&1
+    echo "guide $name rc=$? $(grep -cE '^⚠️|Warning' "$OUT/guide_$name.log") warnings; $(grep -E '^first step|Checkpoint saved' "$OUT/guide_$name.log" | tail -1)"
+  }
+  T="python3 -m mm_rec.scripts.train_modular"
+  guide 1.3 s1.3 $T --stage stage1 --batch_size 2 --checkpoint_dir ./checkpoints --checkpoint_interval 50 \
+      --vocab_size 32000 --expert_dim 256 --num_layers 16 --num_heads 8 --ffn_dim 3072 --max_steps $G
+  guide 4.1 s4 $T --stage stage1 --batch_size 4 --checkpoint_dir ./checkpoints --checkpoint_interval 100 --vocab_size 32000 --max_steps $G
+  guide 4.2 s4 $T --stage stage2 --batch_size 2 --checkpoint_dir ./checkpoints --checkpoint_interval 200 \
+      --resume_from ./checkpoints/checkpoint_stage1_step_$G.pt --max_steps $G
+  guide 4.3 s4 $T --stage stage3 --batch_size 4 --checkpoint_dir ./checkpoints --checkpoint_interval 100 \
+      --resume_from ./checkpoints/checkpoint_stage2_step_$G.pt --max_steps $G
+  guide 8.1 s8.1 $T --stage all --batch_size 2 --checkpoint_dir ./checkpoints_test --checkpoint_interval 50 --vocab_size 1000 --max_steps $G
+  guide 10.all s10 $T --stage all --max_steps $G
+  CK=$GD/s4/checkpoints/checkpoint_stage3_step_$G.pt
+  guide 5.1-9.3 s4 python3 $PWD/benchmarks/guide_snippets.py --checkpoint $CK --device cuda
+  guide evaluate s4 python3 -m mm_rec.scripts.evaluate --checkpoint $CK --expert all --max_batches 4
+  guide generate s4 python3 -m mm_rec.scripts.generate --checkpoint $CK --prompt "def main():" --expert code --max_new_tokens 32 --seed 0
+  guide export s4 python3 -m mm_rec.scripts.export --checkpoint $CK --out ./exported --format both
+  guide recovery s4 bash $PWD/mlops/recovery_protocol.sh --help
+  if [[ $(nvidia-smi -L | wc -l) -ge 2 ]]; then
+    guide 8.3 s10 torchrun --nproc_per_node=2 -m mm_rec.scripts.train_modular --stage all --batch_size 8 --max_steps $G \
+        --checkpoint_dir ./checkpoints_ddp
+  fi
+fi
+if has bundled; then  # the 100M model on the bundled corpus alone: the epochs warning and the best checkpoint
+  BD=/tmp/bundled; rm -rf $BD; mkdir -p $BD
+  (cd $BD && timeout 1500 python3 -m mm_rec.scripts.train_modular --stage all --checkpoint_dir ./checkpoints \
+      --max_steps ${BUNDLED_STEPS:-3000}) > "$OUT/bundled.log" 2>&1
+  echo "bundled rc=$?"; tr '\r' '\n' < "$OUT/bundled.log" | grep -E "^(data:|⚠️|📊|⏹️|🏅|best)" | head -60
+  cp $BD/checkpoints/metrics.jsonl "$OUT/bundled_metrics.jsonl"
+  python3 - "$BD/checkpoints" <<'PY'
+import json, sys, torch
+from pathlib import Path
+run = Path(sys.argv[1])
+rows = [json.loads(l) for l in open(run / "metrics.jsonl")]
+for stage in ("stage1", "stage2", "stage3"):
+    evals = [(sum(v for k, v in r.items() if k.startswith("val_loss")) / 2, r["step"]) for r in rows
+             if r["type"] == "eval" and r["stage"] == stage]
+    best = run / f"checkpoint_{stage}_best.pt"
+    saved = torch.load(best, map_location="cpu", weights_only=False)["step"] if best.exists() else None
+    print(f"{stage}: lowest mean validation loss {min(evals)[0]:.4f} at step {min(evals)[1]}, "
+          f"last {evals[-1][0]:.4f} at {evals[-1][1]}; {best.name} holds step {saved}")
+PY
 fi
 # With TRAIN_ARGS="--profile_step N" the runs' top-ops tables come back too (their traces stay).
 for f in "$RUNS"/*/profile_*.txt; do [[ -e $f ]] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f" .txt).log"; done
