@@ -483,10 +483,10 @@ def test_a_step_is_read_back_after_the_next_step_is_queued(data_dir, tmp_path, m
     backward are queued, except where a checkpoint or evaluation needs them at once."""
     import types
 
-    from mm_rec.training import trainer as trainer_module
+    from mm_rec.training import loop
     from mm_rec.training.trainer import Trainer
     ticks = iter(range(1, 1000))
-    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     events = []
     train_step, read_back = Trainer._train_step, Trainer._read_back
     monkeypatch.setattr(Trainer, "_train_step",

@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 from ..utils.errors import UserError
+from ..utils.monitoring import LOGGER_NAME
 from . import hints
 from .checkpoint import newest_valid_checkpoint
 from .optim import param_groups, rescale_schedule
 from .stages import STAGE_NAMES, next_stage
-
-LOGGER_NAME = "mm_rec.monitoring"
 
 
 class TrainingDiverged(UserError):
