@@ -1,4 +1,4 @@
-"""The staged training loop (guide §2, §4; ARCHITECTURE.md, "The three stages").
+"""The staged trainer (guide §2, §4; ARCHITECTURE.md, "The three stages").
 
     Trainer(config).run()
     Trainer(config, build_model=lambda model_config: OtherModel(model_config)).run()
@@ -16,11 +16,13 @@ optimizer, scheduler and RNG states after step k, so a run resumed from it compu
 losses the uninterrupted run computes for steps k+1.. (bitwise on the CPU).
 
 The model is built in one place, `build_model(model_config)` (default: MMRec100M), so that another
-model trains through exactly this code (a benchmark's Transformer baseline). The trainer uses of it:
-`loss(x, y, expert_type=, chunk_size=, return_memory=)` (the mean loss; with return_memory, also
-the memory states for the norm monitor, or None), `use_fusion` and `use_gradient_checkpointing`
-(attributes it sets per stage / run), `get_num_params()`, `config.to_dict()` (saved in
-checkpoints), and, with --compile and --compile_scope layer, `compile_blocks(mode=)`.
+model with the same embedding / experts / fusion / head interface trains through exactly this code
+(a benchmark's Transformer baseline: tests/test_train_step.py). What the trainer uses of it:
+- `loss(x, y, expert_type=, chunk_size=, return_memory=, head_chunk=)`: the mean loss, the LM head
+  run head_chunk tokens at a time; with return_memory, (loss, memory states or None);
+- `use_fusion`, `use_gradient_checkpointing`: attributes it sets per stage / run;
+- `get_num_params()`, `config.to_dict()` (saved in checkpoints), the state dict;
+- with --compile and --compile_scope layer, `compile_blocks(mode=)`.
 """
 from __future__ import annotations
 
