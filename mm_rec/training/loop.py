@@ -214,8 +214,7 @@ class StageLoop:
                                                                       message=reason))
         self.lr_scale *= recovery.lr_factor
         if back.restart_stage:  # from the previous stage's end: this stage restarts at the lower LR
-            optimizer = build_optimizer(self.model, spec.learning_rate * self.lr_scale, self.cfg.weight_decay)
-            scheduler = build_scheduler(optimizer, spec.warmup_steps, spec.max_steps)
+            optimizer, scheduler = self._new_optimizer(spec)
         restore_rng_and_scaler(back.state, self.scaler)
         message = (f"⚠️ Non-finite {what} at step {step}: recovered from {back.path}, learning rate "
                    f"x{recovery.lr_factor:g} (now x{self.lr_scale:g}); continuing at step {back.next_step}")
