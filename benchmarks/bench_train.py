@@ -1,7 +1,8 @@
 """Training-step throughput of the 100M MM-Rec against what a user would pick instead.
 
-One process measures, per batch shape, a full training step (forward, cross-entropy with the LM
-head in 4096-token chunks as train_modular does it, backward, fused AdamW, zero_grad; bf16
+One process measures, per batch shape, train_modular's training step itself
+(mm_rec/training/step.py: forward, cross-entropy with the LM head in 4096-token chunks, backward,
+gradient clipping, finite check, fused AdamW with its parameter groups, then zero_grad; bf16
 autocast) of
   mmrec-gpu            MM-Rec, GPU path (our Triton recurrences, fused projection), eager
   mmrec-gpu-compiled   the same with its layer compiled (model.compile_blocks, what train_modular
@@ -201,8 +202,13 @@ def mixer_flops_per_token(variant, T, expert_type, model):
 
 # -- one training step ----------------------------------------------------------------------------
 def make_step(model, variant, compile_mode):
+    """(step(x, y, expert_type), optimizer): train_modular's own step (mm_rec/training/step.py:
+    bf16 autocast, chunked loss, backward, clipping to 1.0, finite check, fused AdamW with its
+    parameter groups), with the variant's compilation and CUDA-graph capture."""
     import torch
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    from mm_rec.training.optim import build_optimizer
+    from mm_rec.training.step import train_step
+    opt = build_optimizer(model, 1e-4, weight_decay=0.1)
 
     if variant == "fla-gla":
         def loss_fn(x, y, expert_type):
@@ -227,28 +233,24 @@ def make_step(model, variant, compile_mode):
 
     compiled = "compiled" in variant
 
-    def whole_step(x, y, expert_type):  # forward, backward, AdamW (as train_modular's step)
-        # (no autocast weight cache when captured: a graph would keep stale casts)
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
-            loss = loss_fn(x, y, expert_type)
-        loss.backward()
-        opt.step()
-        return loss.detach()
+    def whole_step(x, y, expert_type):  # one micro-batch, as train_modular's step with --grad_accum_steps 1
+        loss, grad_norm, _ = train_step(model, opt, x[None], y[None], loss_fn, clip_norm=1.0,
+                                        autocast_dtype=torch.bfloat16, autocast_cache=not graphed,
+                                        mark_step_begin=compiled, expert_type=expert_type)
+        return loss, grad_norm
 
     if graphed:
         graph = GraphedStep(opt)
 
         def step(x, y, expert_type):  # one graph per expert (Stage 2 alternates)
-            loss, = graph(expert_type, lambda a, b: (whole_step(a, b, expert_type),), x, y)
+            loss, _ = graph(expert_type, lambda a, b: whole_step(a, b, expert_type), x, y)
             opt.zero_grad(set_to_none=True)
             return loss
         step.clear_graphs = graph.clear  # between shapes: a larger one gets the memory back
         return step, opt
 
     def step(x, y, expert_type):
-        if compiled:  # as train_modular: a new step begins (CUDA graphs may reuse the last one's memory)
-            torch.compiler.cudagraph_mark_step_begin()
-        loss = whole_step(x, y, expert_type)
+        loss, _ = whole_step(x, y, expert_type)
         opt.zero_grad(set_to_none=True)
         return loss
     return step, opt

@@ -10,7 +10,7 @@ from mm_rec.data.corpus import ensure_default_corpus
 from mm_rec.model import MMRec100M, MMRecConfig
 from mm_rec.scripts import train_modular
 from mm_rec.training import memory_estimate as M
-from mm_rec.training import trainer as trainer_module
+from mm_rec.training import preflight
 from mm_rec.utils.errors import run_cli
 
 GB = 1 << 30
@@ -90,7 +90,7 @@ ARGS = ["--preset", "tiny", "--vocab_size", "512", "--expert_dim", "32", "--num_
 
 
 def test_the_trainer_refuses_before_writing_anything_when_a_stage_cannot_fit(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trainer_module, "available_memory", lambda device: (64 << 20, 64 << 20))  # 64 MB
+    monkeypatch.setattr(preflight, "available_memory", lambda device: (64 << 20, 64 << 20))  # 64 MB
     run = tmp_path / "run"
     assert run_cli(train_modular.main, [*ARGS, "--data_dir", str(data_dir), "--checkpoint_dir", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -99,7 +99,7 @@ def test_the_trainer_refuses_before_writing_anything_when_a_stage_cannot_fit(dat
 
 
 def test_the_trainer_warns_and_trains_when_a_stage_may_not_fit(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trainer_module, "available_memory", lambda device: (300 << 20, 64 * GB))
+    monkeypatch.setattr(preflight, "available_memory", lambda device: (300 << 20, 64 * GB))
     run = tmp_path / "run"
     assert run_cli(train_modular.main, [*ARGS, "--data_dir", str(data_dir), "--checkpoint_dir", str(run)]) == 0
     out = capsys.readouterr().out

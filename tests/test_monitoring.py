@@ -359,3 +359,17 @@ def test_grad_norm_watch_warns_on_spikes_not_on_high_or_falling_norms(caplog):
         assert spike and "step 82" in spike and "median" in spike
         assert watch.check(1000.0, 90) is None  # one warning per 50 steps
     assert [r.getMessage() for r in caplog.records] == [spike]
+
+
+def test_monitoring_imports_no_training_module_until_recovery_is_used():
+    """utils sits below training: importing mm_rec.utils.monitoring loads no mm_rec.training module;
+    RecoveryManager (which restores training checkpoints) is still importable from it, the guide's path."""
+    import subprocess
+    import sys
+    code = ("import sys; import mm_rec.utils.monitoring as m; "
+            "assert not [k for k in sys.modules if k.startswith('mm_rec.training')]; "
+            "from mm_rec.utils.monitoring import RecoveryManager; "
+            "from mm_rec.training.recovery import RecoveryManager as R; assert RecoveryManager is R; "
+            "assert type(m.create_monitoring_hooks(None)['recovery']) is R")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

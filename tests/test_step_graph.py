@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mm_rec.training.optim import build_optimizer
+from mm_rec.training.step import train_step
 from mm_rec.training.step_graph import GraphedStep, inner_compile_mode
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -19,13 +20,10 @@ def _model_and_optimizer(device):
     return model, build_optimizer(model, 1e-2, 0.1)
 
 
-def _step(model, optimizer, x, y):
-    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 0.5)
-    optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
-    optimizer.step()
-    return loss.detach(), grad_norm
+def _step(model, optimizer, x, y):  # the trainer's step (one micro-batch)
+    loss_fn = lambda x, y: torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())  # noqa: E731
+    loss, grad_norm, _ = train_step(model, optimizer, x[None], y[None], loss_fn, clip_norm=0.5)
+    return loss, grad_norm
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -91,9 +91,9 @@ def test_compile_trains_like_eager(data_dir, tmp_path, scope):
 def _count_captures(monkeypatch, on_cpu=True) -> list:
     """Records the input shape of each graph as it is made; on_cpu: lets --cuda_graph run on the CPU
     (the same step on the same buffers, uncaptured)."""
-    from mm_rec.training import step_graph, trainer
+    from mm_rec.training import preflight, step_graph
     if on_cpu:
-        monkeypatch.setattr(trainer, "GRAPH_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(preflight, "GRAPH_DEVICES", ("cuda", "cpu"))
     keys, capture = [], step_graph.GraphedStep._capture
     monkeypatch.setattr(step_graph.GraphedStep, "_capture",
                         lambda self, entry, fn: keys.append(entry.inputs[0].shape) or capture(self, entry, fn))
@@ -483,10 +483,10 @@ def test_a_step_is_read_back_after_the_next_step_is_queued(data_dir, tmp_path, m
     backward are queued, except where a checkpoint or evaluation needs them at once."""
     import types
 
-    from mm_rec.training import trainer as trainer_module
+    from mm_rec.training import loop
     from mm_rec.training.trainer import Trainer
     ticks = iter(range(1, 1000))
-    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     events = []
     train_step, read_back = Trainer._train_step, Trainer._read_back
     monkeypatch.setattr(Trainer, "_train_step",
@@ -510,19 +510,15 @@ def test_a_non_finite_step_changes_nothing_on_the_device(device):
     """The fused AdamW step given found_inf = 1 (a NaN loss) leaves weights, moments and step counts
     as they were; with a finite loss the same call updates them."""
     from mm_rec.training.optim import build_optimizer
-    from mm_rec.training.trainer import Trainer
+    from mm_rec.training.step import train_step
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)).to(device)
     opt = build_optimizer(model, 1e-2, 0.1)
     assert opt.defaults["fused"]
-    trainer = Trainer.__new__(Trainer)
-    trainer.scaler = torch.amp.GradScaler(device, enabled=False)
 
     def step(loss_scale):
-        loss = model(torch.randn(8, 4, device=device)).pow(2).mean() * loss_scale
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        trainer._optimizer_step(opt, loss.detach(), norm, skip_on_device=True)
+        x = torch.randn(1, 8, 4, device=device)  # one micro-batch
+        train_step(model, opt, x, x, lambda x, _: model(x).pow(2).mean() * loss_scale, clip_norm=1.0)
         opt.zero_grad(set_to_none=True)
 
     step(1.0)
@@ -559,10 +555,10 @@ def test_fp16_checks_each_step_before_its_update_and_recovers(data_dir, tmp_path
 def test_a_step_record_reads_back_its_own_values(device):
     """A step's loss and gradient norm, copied to the host behind an event, read back as queued
     even when later work overwrites the tensors they came from."""
-    from mm_rec.training.trainer import _StepRecord
+    from mm_rec.training.step import StepRecord
     loss = torch.tensor(2.5, device=device)
     norm = torch.tensor(float("nan"), device=device)
-    record = _StepRecord(7, loss, norm, 1e-3, None, 0.0)
+    record = StepRecord(7, loss, norm, 1e-3, None, 0.0)
     loss.add_(1.0)  # later work on the same stream
     values = record.values()
     assert values[0] == 2.5 and values[1] != values[1]  # NaN kept as NaN

@@ -94,6 +94,7 @@ class TransformerBaseline(nn.Module):
         self.norm = RMSNorm(config.model_dim, config.norm_eps)
         self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
         self.use_fusion = config.use_fusion
+        self.use_gradient_checkpointing = False  # set by the trainer; not implemented here
         nn.init.normal_(self.embedding.weight, std=config.init_std)
         nn.init.normal_(self.lm_head.weight, std=config.init_std)
         # RoPE's cos/sin computed once, as buffers (as litgpt and most Transformer code keep them):
@@ -106,9 +107,15 @@ class TransformerBaseline(nn.Module):
     def forward(self, input_ids, expert_type=None):
         return self.lm_head(self.hidden(input_ids, expert_type))
 
-    def loss(self, input_ids, targets, expert_type=None):
-        """Mean cross-entropy with the LM head in chunks, as MMRec100M.loss (mm_rec/model/loss.py)."""
-        return chunked_cross_entropy(self.hidden(input_ids, expert_type), self.lm_head, targets)
+    def loss(self, input_ids, targets, expert_type=None, chunk_size=None, return_memory=False, head_chunk=4096):
+        """Mean cross-entropy with the LM head in chunks, as MMRec100M.loss (mm_rec/model/loss.py).
+        The trainer's interface (mm_rec/training/trainer.py): attention sees the whole window, so
+        chunk_size is ignored, and there is no memory state to return (None)."""
+        loss = chunked_cross_entropy(self.hidden(input_ids, expert_type), self.lm_head, targets, head_chunk)
+        return (loss, None) if return_memory else loss
+
+    def get_num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
     def hidden(self, input_ids, expert_type=None):
         active = self.config.expert_names if expert_type in (None, "fused") else (expert_type,)

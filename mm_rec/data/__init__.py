@@ -6,12 +6,12 @@
   prepare.py    prepare_data: documents -> tokenizer.json, meta.json, {text,code}_{train,val}.bin
   corpus.py     the default corpus (bundled prose + this Python's stdlib), built once into a cache
   build_corpus.py  a large corpus from this machine's Python sources and prose directories
-  loader.py     TokenData: deterministic training windows, evaluation windows, DataLoader builder
+  loader.py     TokenData: deterministic training windows (a pure function of the step) and evaluation windows
 """
 from mm_rec.data.corpus import default_corpus_dir, ensure_default_corpus
-from mm_rec.data.loader import TokenData, domains_for_rows, make_train_loader
+from mm_rec.data.loader import TokenData, domains_for_rows
 from mm_rec.data.prepare import prepare_data
 from mm_rec.data.tokenizer import EOT_TOKEN, Tokenizer, check_vocab, train_tokenizer
 
 __all__ = ["EOT_TOKEN", "TokenData", "Tokenizer", "check_vocab", "default_corpus_dir", "domains_for_rows",
-           "ensure_default_corpus", "make_train_loader", "prepare_data", "train_tokenizer"]
+           "ensure_default_corpus", "prepare_data", "train_tokenizer"]

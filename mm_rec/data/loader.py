@@ -26,11 +26,10 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mm_rec.data.prepare import DOMAINS, META_FILE, META_FORMAT, META_VERSION, SPLITS, TOKENIZER_FILE, bin_name
 from mm_rec.data.tokenizer import Tokenizer, check_vocab
@@ -296,46 +295,3 @@ def _check_batch_args(kind, step, batch_size, seq_len, rank, world_size) -> None
         raise UserError(f"need step >= 0, batch_size >= 1 and seq_len >= 1 (got {step}, {batch_size}, {seq_len})")
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"rank must be in [0, world_size) (got rank {rank}, world_size {world_size})")
-
-
-class TrainBatches(IterableDataset):
-    """Yields (step, x, y) for steps start_step, start_step + 1, ... (forever if num_steps is None).
-
-    With DataLoader workers, worker w of n produces steps start_step + w, + w + n, ...; the
-    DataLoader takes one item from each worker in turn, so steps still arrive in order.
-    `kind_for_step` must be picklable when workers are started with "spawn" (not a lambda).
-    """
-
-    def __init__(self, data: TokenData, kind_for_step: Callable[[int], str], start_step: int,
-                 num_steps: int | None, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, split: str = "train"):
-        self.data, self.kind_for_step = data, kind_for_step
-        self.start_step, self.num_steps = start_step, num_steps
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world_size, self.split = rank, world_size, split
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        end = math.inf if self.num_steps is None else self.start_step + self.num_steps
-        step = self.start_step + worker
-        while step < end:
-            x, y = self.data.get_batch(self.kind_for_step(step), step, self.batch_size, self.seq_len,
-                                       self.seed, self.rank, self.world_size, self.split)
-            yield step, x, y
-            step += n_workers
-
-
-def make_train_loader(data: TokenData, kind_for_step: Callable[[int], str], start_step: int,
-                      num_steps: int | None, batch_size: int, seq_len: int, seed: int, rank: int = 0,
-                      world_size: int = 1, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over `TrainBatches` yielding (step, x, y) in step order.
-
-    Use num_workers > 0 and pin_memory=True on a GPU; on a CPU num_workers=0 is fastest.
-    The first batch is built here, in the calling process, so a user mistake (seq_len too long
-    for the data, a bad kind) is reported as one line instead of from inside a worker.
-    """
-    data.get_batch(kind_for_step(start_step), start_step, batch_size, seq_len, seed, rank, world_size)
-    dataset = TrainBatches(data, kind_for_step, start_step, num_steps, batch_size, seq_len, seed, rank, world_size)
-    extra = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **extra)

@@ -23,7 +23,6 @@ import torch
 
 from ..utils.errors import UserError
 
-DOMAINS = ("text", "code")
 EXPERTS = ("text", "code", "fused")
 
 
@@ -116,32 +115,54 @@ def tokenize_documents(tokenizer, documents: Iterable[str], batch: int = 256) ->
 
 
 @torch.no_grad()
-def stream_loss(model, tokens: torch.Tensor, expert_type: str | None, seq_len: int, device=None,
-                autocast_dtype: torch.dtype | None = None, progress=None, chunk_size: int | None = None,
-                head_chunk: int = 4096) -> tuple[float, int]:
-    """(summed cross-entropy in nats, tokens scored) of a 1-D token stream, predicting tokens[1:]
-    `seq_len` tokens at a time with the memory state carried across windows: every token is scored
-    with its whole left context. The LM head runs in chunks (model.loss): no [T, vocab] logits.
-    `evaluate --text/--code` and the trainer's --heldout_* files are scored here."""
-    if seq_len < 1:
-        raise UserError(f"--seq_len must be >= 1, got {seq_len}")
+def summed_loss(model, windows: Iterable[tuple[torch.Tensor, torch.Tensor]], expert_type: str | None, device=None,
+                autocast_dtype: torch.dtype | None = None, chunk_size: int | None = None, head_chunk: int = 4096,
+                carry_memory: bool = False, progress=None) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy in nats as an fp64 device tensor, tokens scored) of `model` over
+    (x, y) windows ([B, T] each), in eval mode under no_grad (training mode restored after).
+
+    Every evaluation scores here, through model.loss, which runs the LM head and the
+    cross-entropy `head_chunk` tokens at a time: never the [B, T, vocab] logits (at Stage 2's
+    2 x 8192 tokens and vocab 32000, 2 GB in fp32). Each window's mean loss counts for its
+    tokens (loss x y.numel(), accumulated in fp64). carry_memory: each window continues the
+    memory state the previous one left (a stream cut into windows)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count, states = torch.zeros((), dtype=torch.float64, device=device), 0, None
     try:
-        for start in range(0, tokens.numel() - 1, seq_len):
-            y = tokens[start + 1:start + 1 + seq_len].to(device)
-            x = tokens[start:start + y.numel()].to(device)
+        for x, y in windows:
+            x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss, states = model.loss(x[None], y[None], expert_type=expert_type, memory_states=states,
-                                          chunk_size=chunk_size, return_memory=True, head_chunk=head_chunk)
+                if carry_memory:
+                    loss, states = model.loss(x, y, expert_type=expert_type, memory_states=states,
+                                              chunk_size=chunk_size, return_memory=True, head_chunk=head_chunk)
+                else:
+                    loss = model.loss(x, y, expert_type=expert_type, chunk_size=chunk_size, head_chunk=head_chunk)
             total += loss.double() * y.numel()
             count += y.numel()
             if progress is not None:
                 progress.update(y.numel())
     finally:
         model.train(was_training)
+    return total, count
+
+
+def stream_loss(model, tokens: torch.Tensor, expert_type: str | None, seq_len: int, device=None,
+                autocast_dtype: torch.dtype | None = None, progress=None, chunk_size: int | None = None,
+                head_chunk: int = 4096) -> tuple[float, int]:
+    """(summed cross-entropy in nats, tokens scored) of a 1-D token stream, predicting tokens[1:]
+    `seq_len` tokens at a time with the memory state carried across windows: every token is scored
+    with its whole left context. `evaluate --text/--code` and the trainer's --heldout_* files are
+    scored here."""
+    if seq_len < 1:
+        raise UserError(f"--seq_len must be >= 1, got {seq_len}")
+    def windows():
+        for start in range(0, tokens.numel() - 1, seq_len):
+            y = tokens[start + 1:start + 1 + seq_len]
+            yield tokens[start:start + y.numel()][None], y[None]
+    total, count = summed_loss(model, windows(), expert_type, device, autocast_dtype, chunk_size, head_chunk,
+                               carry_memory=True, progress=progress)
     return float(total.item()), count
 
 

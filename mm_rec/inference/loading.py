@@ -75,7 +75,8 @@ def _config_problem(d: dict) -> str | None:
     return None
 
 
-def config_from_dict(d: dict, source) -> MMRecConfig:
+def model_config_from_dict(d: dict, source) -> MMRecConfig:
+    """The MMRecConfig a checkpoint or config.json holds, checked (a UserError naming `source` if not)."""
     if not isinstance(d, dict):
         raise UserError(f"{source} has no model config; it was not written by MM-Rec")
     problem = _config_problem(d)
@@ -237,7 +238,7 @@ def read_checkpoint(path: Path) -> dict:
 
 def _load_checkpoint_file(path: Path) -> LoadedModel:
     state = read_checkpoint(path)
-    config = config_from_dict(state.get("config"), path)
+    config = model_config_from_dict(state.get("config"), path)
     model = build_model(config, state["model_state_dict"], path, use_fusion=fusion_from_checkpoint(state))
     tokenizer = None
     if state.get("tokenizer"):
@@ -261,7 +262,7 @@ def _load_export_dir(path: Path) -> LoadedModel:
     if isinstance(config_dict, dict) and config_dict.get("model_type") == "mmrec":
         # written by export --format hf: our fields among the Hugging Face ones
         config_dict = {k: v for k, v in upgrade_config_dict(config_dict).items() if k in MMRecConfig.__dataclass_fields__}
-    config = config_from_dict(config_dict, config_file)
+    config = model_config_from_dict(config_dict, config_file)
     try:
         state_dict = load_file(str(weights))
     except Exception as e:  # truncated, not safetensors

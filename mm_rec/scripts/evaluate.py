@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..inference.evaluation import (DOMAINS, EXPERTS, evaluate_data_dir, evaluate_files, format_table,
+from ..data.prepare import DOMAINS
+from ..inference.evaluation import (EXPERTS, evaluate_data_dir, evaluate_files, format_table,
                                     token_byte_lengths)
 from ..inference.loading import load_model, require_source
 from ..utils.device import resolve_device

@@ -24,8 +24,8 @@ import torch
 
 from ..utils.errors import UserError
 from ..utils.fileio import atomic_write, disk_error
+from .stages import STAGE_NAMES
 
-STAGE_ORDER = ("stage1", "stage2", "stage3")
 _NAME = re.compile(r"^checkpoint_(stage[123])_step_(\d+)\.pt$")
 
 
@@ -187,14 +187,14 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     for p in directory.iterdir():
         m = _NAME.match(p.name)
         if m and p.is_file():
-            found.append((STAGE_ORDER.index(m.group(1)), int(m.group(2)), p))
+            found.append((STAGE_NAMES.index(m.group(1)), int(m.group(2)), p))
     return [p for _, _, p in sorted(found)]
 
 
 def checkpoint_position(path: str | os.PathLike) -> tuple[int, int] | None:
     """(stage index, step) from a standard checkpoint name, else None."""
     m = _NAME.match(Path(path).name)
-    return (STAGE_ORDER.index(m.group(1)), int(m.group(2))) if m else None
+    return (STAGE_NAMES.index(m.group(1)), int(m.group(2))) if m else None
 
 
 def newest_valid_checkpoint(directory: str | os.PathLike, map_location="cpu", accept=None, on_skip=None):

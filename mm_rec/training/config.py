@@ -128,6 +128,12 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """A TrainConfig from a checkpoint's train_args (ignores keys this version does not know)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
     def model_config(self) -> MMRecConfig:
         values = dict(PRESETS[self.preset])
         values.update({k: getattr(self, k) for k in MODEL_FLAGS if getattr(self, k) is not None})
@@ -300,10 +306,4 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
-def config_from_dict(d: dict) -> TrainConfig:
-    """A TrainConfig from a checkpoint's train_args (ignores keys this version does not know)."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in known})
-
-
-__all__ = ["TrainConfig", "SpeedSettings", "resolve_speed", "build_parser", "parse_args", "load_config_file", "config_from_dict"]
+__all__ = ["TrainConfig", "SpeedSettings", "resolve_speed", "build_parser", "parse_args", "load_config_file"]

@@ -31,6 +31,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.prepare import DOMAINS
 from ..utils.fileio import disk_error
 
 EPOCH_WARNING = 4.0
@@ -61,7 +62,7 @@ def stage_data_use(spec, global_batch: int, grad_accum: int, held: dict[str, int
     so half the tokens; Stage 2 alternates whole steps (text on odd steps, code on even ones)."""
     per_step = global_batch * grad_accum * spec.seq_len
     out = []
-    for domain in ("text", "code"):
+    for domain in DOMAINS:
         if spec.data == "alternate":
             steps = (spec.max_steps + 1) // 2 if domain == "text" else spec.max_steps // 2
             consumed, expert = steps * per_step, domain

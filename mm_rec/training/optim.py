@@ -4,6 +4,10 @@ AdamW(β 0.9/0.95), weight decay on matrices only (not on norms, biases or the e
 linear warmup to the peak learning rate, then a cosine decay to 0.1 × peak at the stage's last step.
 A parameter whose gradient is None is skipped by AdamW entirely (no moment update, no weight
 decay): this is how Stage 2 leaves the idle expert untouched.
+
+The run's learning-rate scale (--lr_scale, halved by each recovery) is part of the schedule: its
+base learning rate (LambdaLR's base_lrs, each group's initial_lr) is peak x scale, and
+`rescale_schedule` is the one place that moves it.
 """
 from __future__ import annotations
 
@@ -46,8 +50,26 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int):
+    """Warmup + cosine over the optimizer's learning rates (peak x scale, as built)."""
     # A closure, not a callable object: LambdaLR then saves no function state, so the scheduler's
     # state_dict stays plain numbers (loadable with weights_only=True).
     def schedule(step: int) -> float:
         return lr_factor(step, warmup_steps, max_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def rescale_schedule(optimizer: torch.optim.Optimizer, scheduler, factors: list[float],
+                     bases: list[float] | None = None) -> None:
+    """Multiply each param group's learning rate by its factor, now and at every later step of
+    `scheduler` (any LR scheduler, or None): the group's lr, its base (initial_lr and the
+    scheduler's base_lrs; set to `bases` where given, else multiplied too) and the scheduler's
+    last lr. A checkpoint resumed with another --lr_scale and a recovery go through here."""
+    for i, (group, factor) in enumerate(zip(optimizer.param_groups, factors)):
+        rebased = (lambda _: bases[i]) if bases is not None else (lambda old: old * factor)
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] = rebased(group["initial_lr"])
+        if scheduler is not None and i < len(getattr(scheduler, "base_lrs", ())):
+            scheduler.base_lrs[i] = rebased(scheduler.base_lrs[i])
+    if scheduler is not None and hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

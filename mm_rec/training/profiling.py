@@ -4,7 +4,7 @@ Steps N .. N+2 of each stage (counted as the training loop starts them) run unde
 (CPU ops, and CUDA kernels on a GPU); at the end the run directory gets
     profile_STAGE_stepN.json   a Chrome trace (chrome://tracing or https://ui.perfetto.dev)
     profile_STAGE_stepN.txt    the ops that took most time, device time first on a GPU.
-A step's numbers are read back one step late (trainer.py), so the window's edges hold a little of
+A step's numbers are read back one step late (loop.py), so the window's edges hold a little of
 the step before and after it. Only the main process profiles.
 """
 from __future__ import annotations

@@ -12,7 +12,8 @@ A checkpoint belongs to the trajectory of a run at position (stage, step) when i
 one of its runs no later than that run's branch point (its own run: no later than the current
 position). `Lineage.contains` says that; `RecoveryManager(..., accept=...)` only takes such ones.
 
-`RecoveryManager` is the guide's `hooks["recovery"]` (re-exported by mm_rec.utils.monitoring).
+`RecoveryManager` is the guide's `hooks["recovery"]` (re-exported by mm_rec.utils.monitoring);
+`roll_back` is what the trainer does with it after a non-finite step.
 """
 from __future__ import annotations
 
@@ -21,14 +22,17 @@ import os
 import secrets
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..utils.errors import UserError
-from .checkpoint import STAGE_ORDER, newest_valid_checkpoint
-
-LOGGER_NAME = "mm_rec.monitoring"
+from ..utils.monitoring import LOGGER_NAME
+from . import hints
+from .checkpoint import newest_valid_checkpoint
+from .optim import param_groups, rescale_schedule
+from .stages import STAGE_NAMES, next_stage
 
 
 class TrainingDiverged(UserError):
@@ -45,7 +49,7 @@ def new_run_id() -> str:
 
 def position(stage: str, step: int) -> tuple[int, int]:
     """A point of the whole schedule, ordered across stages."""
-    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else -1, int(step))
+    return (STAGE_NAMES.index(stage) if stage in STAGE_NAMES else -1, int(step))
 
 
 class Lineage:
@@ -114,7 +118,6 @@ def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 def _trainer_order(model: torch.nn.Module, saved: dict) -> list[str] | None:
     """For a trainer checkpoint saved without parameter names: its order, rebuilt from the
     trainer's grouping (optim.param_groups), when the group sizes agree."""
-    from .optim import param_groups
     groups = param_groups(_unwrap(model), 0.0)
     if [len(g["params"]) for g in saved.get("param_groups", [])] != [len(g["params"]) for g in groups]:
         return None
@@ -227,17 +230,11 @@ class RecoveryManager:
             return False, None
 
         if optimizer is not None:
-            for i, group in enumerate(optimizer.param_groups):
-                target_base = current_base[i] * self.lr_factor
-                loaded_base = group.get("initial_lr", group["lr"])
-                ratio = target_base / loaded_base if loaded_base > 0 else self.lr_factor
-                group["lr"] *= ratio
-                if "initial_lr" in group:
-                    group["initial_lr"] = target_base
-                if scheduler is not None and hasattr(scheduler, "base_lrs") and i < len(scheduler.base_lrs):
-                    scheduler.base_lrs[i] = target_base
-            if scheduler is not None and hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+            loaded_base = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+            target_base = [base * self.lr_factor for base in current_base]
+            ratios = [target / loaded if loaded > 0 else self.lr_factor
+                      for target, loaded in zip(target_base, loaded_base)]
+            rescale_schedule(optimizer, scheduler, ratios, bases=target_base)
 
         self.lr_scale *= self.lr_factor
         self.last_state = state
@@ -249,5 +246,37 @@ class RecoveryManager:
         return True, str(path)
 
 
-__all__ = ["RecoveryManager", "Lineage", "TrainingDiverged", "new_run_id", "position", "optimizer_param_names",
+@dataclass
+class Rollback:
+    """Where the trainer continues after a recovery."""
+    path: str
+    state: dict          # the checkpoint loaded into the model, optimizer and scheduler
+    next_step: int
+    restart_stage: bool  # the checkpoint ends the previous stage: the stage restarts (a new optimizer)
+
+
+def roll_back(recovery: RecoveryManager, model, optimizer, scheduler, lineage: Lineage, stage: str, step: int,
+              what: str, on_failure=lambda reason: None) -> Rollback:
+    """Recover the trainer's run from the newest loadable checkpoint of its own trajectory up to
+    (stage, step), where a non-finite `what` ("loss", "gradient norm") was found. Raises
+    TrainingDiverged (after on_failure(reason)) when there is none, the attempts are used up, or
+    the checkpoint cannot continue `stage`."""
+    used_up = recovery.attempts >= recovery.max_attempts
+    now = position(stage, step)  # only this run's own trajectory (not another run's newer files)
+    ok, path = recovery.recover(model, optimizer, scheduler, accept=lambda _, state: lineage.contains(state, now))
+    if not ok:
+        reason = (f"all {recovery.max_attempts} recovery attempts are used up" if used_up else
+                  f"no checkpoint of this run to recover from in {recovery.checkpoint_dir} (corrupt and "
+                  f"non-finite ones are skipped)")
+        on_failure(reason)
+        raise TrainingDiverged(hints.diverged(what, step, stage, reason))
+    state = recovery.last_state
+    if state["stage"] == stage and not state.get("stage_completed"):
+        return Rollback(path, state, int(state["step"]) + 1, restart_stage=False)
+    if state.get("stage_completed") and next_stage(state["stage"]) == stage:
+        return Rollback(path, state, 1, restart_stage=True)
+    raise TrainingDiverged(hints.diverged_elsewhere(what, step, stage, path, state))
+
+
+__all__ = ["RecoveryManager", "Lineage", "Rollback", "roll_back", "TrainingDiverged", "new_run_id", "position", "optimizer_param_names",
            "mapped_optimizer_state"]

@@ -7,6 +7,8 @@ forward, backward, gradient clipping and fused AdamW update replay with one laun
     graphed = GraphedStep(optimizer)
     loss, grad_norm = graphed(key, step_fn, x, y)   # step_fn(x, y) -> tensors; does the whole step
 
+step_fn is the trainer's (and bench_train's) `train_step` (step.py), which needs nothing more.
+
 Per key and input shapes (the trainer keys by expert, one GraphedStep per stage and optimizer):
 the first `warmup` calls run step_fn eagerly (they compile, autotune and create the optimizer's
 state); the next captures it and replays it; later calls replay. What a captured step needs:

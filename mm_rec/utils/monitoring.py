@@ -31,9 +31,19 @@ from pathlib import Path
 
 import torch
 
-from ..training.recovery import RecoveryManager, _strip_wrapper_prefixes, _unwrap  # noqa: F401 - public here
-
 LOGGER_NAME = "mm_rec.monitoring"
+
+# RecoveryManager restores training checkpoints, so it lives in mm_rec.training.recovery; it is
+# importable from here too (the guide's path), loaded on first use: utils imports no training
+# module at import time.
+_FROM_RECOVERY = ("RecoveryManager", "_strip_wrapper_prefixes", "_unwrap")
+
+
+def __getattr__(name: str):
+    if name in _FROM_RECOVERY:
+        from ..training import recovery
+        return getattr(recovery, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- stability -----------------------------------------------------------------------------------
@@ -221,6 +231,7 @@ def create_monitoring_hooks(model: torch.nn.Module, checkpoint_dir: str | os.Pat
 
     `model` is accepted for the guide's call signature; the hooks take the model where they need it.
     """
+    from ..training.recovery import RecoveryManager
     logger = logger or logging.getLogger(LOGGER_NAME)
     return {
         "stability_monitor": StabilityMonitor(failure_threshold=failure_threshold, logger=logger),
