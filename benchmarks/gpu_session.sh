@@ -36,13 +36,13 @@ if has tests; then
   # machine: with two GPUs visible the long-term half runs on the second one at the same time.
   # the trainer's sync-free step on CUDA: the device-side skip of a non-finite step, the read-back,
   # the batch's copy from pinned memory
-  SKIP_TEST="tests/test_train.py::test_a_non_finite_step_changes_nothing_on_the_device
-             tests/test_train.py::test_a_step_record_reads_back_its_own_values
-             tests/test_train.py::test_a_batch_goes_to_the_gpu_through_pinned_memory
-             tests/test_train.py::test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step
-             tests/test_step_graph.py tests/test_checkpoint.py"
+  SKIP_TEST="tests/training/test_train.py::test_a_non_finite_step_changes_nothing_on_the_device
+             tests/training/test_train.py::test_a_step_record_reads_back_its_own_values
+             tests/training/test_train.py::test_a_batch_goes_to_the_gpu_through_pinned_memory
+             tests/training/test_train.py::test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step
+             tests/training/test_step_graph.py tests/training/test_checkpoint.py"
   gpu_tests() {  # gpu_tests NAME DEVICE -k EXPR
-    CUDA_VISIBLE_DEVICES=$2 timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/test_gpu_ops.py -q -s \
+    CUDA_VISIBLE_DEVICES=$2 timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/ops/test_gpu_ops.py -q -s \
         -p no:cacheprovider --durations=0 "${@:3}" > "$OUT/$1.log" 2>&1
     echo "$1 rc=$?"; tail -2 "$OUT/$1.log"
   }

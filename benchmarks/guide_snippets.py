@@ -1,7 +1,7 @@
 """The training guide's Python snippets (§5.1 monitoring, §9.1 evaluation, §9.2 inference, §9.3
 export), run as written on a trained checkpoint, on whatever device is given: the GPU check of the
 guide's API (gpu_session.sh's `guide` phase). The CPU tests hold the same snippets to references
-(tests/test_recovery_lineage.py, test_inference_loading.py, test_monitoring.py).
+(tests/training/test_recovery_lineage.py, test_inference_loading.py, test_monitoring.py).
 
     python benchmarks/guide_snippets.py --checkpoint RUN/checkpoint_stage3_step_N.pt --device cuda
 

@@ -17,7 +17,7 @@ losses the uninterrupted run computes for steps k+1.. (bitwise on the CPU).
 
 The model is built in one place, `build_model(model_config)` (default: MMRec100M), so that another
 model with the same embedding / experts / fusion / head interface trains through exactly this code
-(a benchmark's Transformer baseline: tests/test_train_step.py). What the trainer uses of it:
+(a benchmark's Transformer baseline: tests/training/test_train_step.py). What the trainer uses of it:
 - `loss(x, y, expert_type=, chunk_size=, return_memory=, head_chunk=)`: the mean loss, the LM head
   run head_chunk tokens at a time; with return_memory, (loss, memory states or None);
 - `use_fusion`, `use_gradient_checkpointing`: attributes it sets per stage / run;

@@ -17,7 +17,7 @@ Here the same states come in two kernels:
 
 g is fla's base-2 cumulative log-decay within each chunk (chunk_local_cumsum(..., scale=1/ln 2)),
 [B, T, H, K] fp32. Outputs use fla's layout (h, dh: [B, NT, H, K, V] fp32) and meaning, so fla's
-other GLA kernels take them unchanged, as do ours; tests/test_gpu_ops.py holds both to fla's
+other GLA kernels take them unchanged, as do ours; tests/ops/test_gpu_ops.py holds both to fla's
 sequential pass (fla-core is imported only there and in benchmarks/fla_compare).
 """
 from __future__ import annotations

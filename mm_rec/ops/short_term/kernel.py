@@ -14,7 +14,7 @@ token ahead); pass 2 also writes dlog_a.
 
 Why a custom op: torch.compile sees it as one opaque node, so the whole training step compiles and
 can be CUDA-graphed. Without CUDA the kernel runs only in Triton's interpreter (TRITON_INTERPRET=1),
-as tests/test_kernels_interpreted.py runs it on the CPU.
+as tests/ops/test_kernels_interpreted.py runs it on the CPU.
 """
 import functools
 from dataclasses import dataclass

@@ -121,7 +121,7 @@ def test_bench_decode_runs_on_the_cpu(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "decode.json"
     r = subprocess.run([sys.executable, "benchmarks/bench_decode.py", "--device", "cpu", "--preset", "tiny",
                         "--contexts", "8", "32", "--batch_sizes", "1", "2", "--steps", "2", "--warmup", "1",

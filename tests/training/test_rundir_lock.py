@@ -24,7 +24,7 @@ from mm_rec.training.runlock import LOCK_FILE, RunLock
 from mm_rec.utils.errors import UserError, run_cli
 from mm_rec.utils.monitoring import corrupt_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--preset", "tiny", "--synthetic", "--stage", "stage1", "--batch_size", "2", "--seq_len", "16",
         "--vocab_size", "300", "--expert_dim", "16", "--num_layers", "1", "--num_heads", "2", "--ffn_dim", "32",
         "--eval_interval", "0", "--eval_batches", "1", "--warmup_steps", "2", "--memory_log_interval", "0"]

@@ -1,12 +1,10 @@
 """training/memory_estimate.py: the formula, its calibration point, and what the trainer does with it."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
-from mm_rec.data.corpus import ensure_default_corpus
 from mm_rec.model import MMRec100M, MMRecConfig
 from mm_rec.scripts import train_modular
 from mm_rec.training import memory_estimate as M
@@ -76,12 +74,6 @@ def test_verdict_fits_warns_or_refuses():
     refusal, warning = M.memory_verdict(fn, 30 * GB, 64 * GB, "stage2", 2, 8192, False)
     assert refusal is None and warning.startswith("⚠️ stage2 needs about") and "--gradient_checkpointing" in warning
     assert M.memory_verdict(fn, None, None, "stage2", 2, 8192, False) == (None, None)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return ensure_default_corpus(512, cache_dir=tmp_path_factory.mktemp("cache"), verbose=False,
-                                 prose_max_bytes=60_000, code_max_bytes=300_000)
 
 
 ARGS = ["--preset", "tiny", "--vocab_size", "512", "--expert_dim", "32", "--num_layers", "1", "--num_heads", "2",

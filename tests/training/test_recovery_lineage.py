@@ -22,7 +22,7 @@ from mm_rec.training.trainer import Trainer
 from mm_rec.utils.errors import run_cli
 from mm_rec.utils.monitoring import create_monitoring_hooks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROTOCOL = REPO / "mlops" / "recovery_protocol.sh"
 MODEL = ["--vocab_size", "300", "--expert_dim", "16", "--num_layers", "1", "--num_heads", "2", "--ffn_dim", "32"]
 TINY = ["--preset", "tiny", "--synthetic", "--stage", "stage1", "--batch_size", "2", "--seq_len", "16", *MODEL,

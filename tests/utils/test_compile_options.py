@@ -47,6 +47,7 @@ def test_compile_by_tokens_picks_the_combo_compile_for_small_calls_only(monkeypa
     assert [o.get("combo_kernels", False) for o in seen] == [False, False]
 
 
+@pytest.mark.compile
 def test_compile_fn_computes_what_the_function_computes():
     fn = lambda x: torch.sigmoid(x) * x + x.sum(-1, keepdim=True)
     x = torch.randn(3, 5)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm_rec.data.corpus import ensure_default_corpus
 from mm_rec.data.loader import TokenData
 from mm_rec.model import MMRec100M, MMRecConfig
 from mm_rec.scripts import train_modular
@@ -21,14 +20,8 @@ from mm_rec.training.step import train_step
 from mm_rec.training.trainer import Trainer
 from mm_rec.utils.errors import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ["--vocab_size", "512", "--expert_dim", "32", "--num_layers", "1", "--num_heads", "2", "--ffn_dim", "64"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return ensure_default_corpus(512, cache_dir=tmp_path_factory.mktemp("cache"), verbose=False,
-                                 prose_max_bytes=60_000, code_max_bytes=300_000)
 
 
 def argv(data_dir, ckpt_dir, *args) -> list[str]:

@@ -28,7 +28,7 @@ from mm_rec.scripts import serve as serve_cli  # noqa: E402
 from mm_rec.utils.errors import run_cli  # noqa: E402
 
 VOCAB = 300
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_checkpoint(directory: Path) -> Path:

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mm_rec.data.corpus import ensure_default_corpus
 from mm_rec.data.loader import TokenData
 from mm_rec.model import MMRec100M, MMRecConfig
 from mm_rec.scripts import train_modular
@@ -21,13 +20,6 @@ from mm_rec.training.optim import lr_factor, param_groups
 from mm_rec.utils.errors import run_cli
 
 MODEL = ["--vocab_size", "512", "--expert_dim", "32", "--num_layers", "1", "--num_heads", "2", "--ffn_dim", "64"]
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """A small real corpus (prose prefixes + some stdlib code) with a 512-token tokenizer."""
-    return ensure_default_corpus(512, cache_dir=tmp_path_factory.mktemp("cache"), verbose=False,
-                                 prose_max_bytes=60_000, code_max_bytes=300_000)
 
 
 def train(data_dir, ckpt_dir, *args, expect=0) -> int:
@@ -67,6 +59,7 @@ def test_loss_falls_well_below_its_start_on_real_data(data_dir, tmp_path):
     assert ev["val_loss_text"] < start - 0.6 and ev["val_loss_code"] < start - 0.6
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("scope", ["layer", "model"])
 def test_compile_trains_like_eager(data_dir, tmp_path, scope):
     """--compile (the layer compiled once for every layer, or the whole loss) follows eager's loss
@@ -113,7 +106,8 @@ def test_cuda_graph_step_trains_like_eager(data_dir, tmp_path, monkeypatch, accu
     eager, graphed = losses(tmp_path / "eager"), losses(tmp_path / "graphed")
     assert eager.keys() == graphed.keys() and len(eager) == 24
     for key, value in eager.items():
-        assert abs(graphed[key] - value) < 1e-6, (key, graphed[key], value)
+        # relative: the same float32 maths in another order rounds differently (2 ulps at 6 nats: 1.4e-6)
+        assert graphed[key] == pytest.approx(value, rel=1e-6, abs=0), (key, graphed[key], value)
     # a graph per stage and expert: stage1, stage2's text and code, stage3
     assert keys == [(accum, 4, 32)] * 4
     a = load_checkpoint(tmp_path / "eager" / "checkpoint_stage3_step_8.pt")
@@ -278,7 +272,7 @@ def test_guide_workflow_stage_by_stage_and_fusion_starts_at_identity(data_dir, t
         model.use_fusion = True
         on = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
     assert on == off
-    assert logged[("stage3", 1)] == pytest.approx(off, rel=0, abs=1e-6)
+    assert logged[("stage3", 1)] == pytest.approx(off, rel=1e-6, abs=0)
 
 
 # -- resume --------------------------------------------------------------------------------------

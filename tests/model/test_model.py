@@ -271,7 +271,7 @@ def test_recomputed_gates_give_the_same_gradients_and_save_activations(expert_ty
     model.float()
     kept_plain, g_plain = run(False, True)
     kept_recomputed, g_recomputed = run(True, True)
-    assert max(max_diff(g_plain[n], g_recomputed[n]) for n in g_plain) < 1e-6
+    assert max(max_diff(g_plain[n], g_recomputed[n]) / g_plain[n].abs().max().item() for n in g_plain) < 1e-5
     # Plain autograd keeps five fp32 [tokens, d] tensors per layer and expert (the fp32 copies of
     # a, c, g, z and the decay's input); recomputing keeps three bf16 ones (a, c, the decay's input).
     cfg = model.config
@@ -346,13 +346,40 @@ def test_bad_arguments_raise():
         MMRecConfig(expert_dim=30, num_heads=4)
 
 
-@pytest.mark.parametrize("expert_type,checkpointing", [(None, False), ("text", False), (None, True)])
-def test_compiled_blocks_match_eager(expert_type, checkpointing):
+@pytest.mark.compile
+@pytest.mark.parametrize("expert_type,checkpointing", [(None, False), ("code", False), (None, True)])
+def test_compiled_blocks_match_eager_with_one_graph_for_every_layer(expert_type, checkpointing):
     """compile_blocks (torch.compile of the layer and of the LM head's loss, as --compile does it)
     gives eager's loss and gradients in float64: both experts, one expert, under gradient
-    checkpointing, the loss in checkpointed chunks."""
+    checkpointing, the loss in checkpointed chunks. The layers differ only in their weights, so
+    one graph serves all three (compile time does not grow with depth) and a second step compiles
+    nothing new. (One compile serves both checks: compiling is most of this suite's CPU time.)"""
     import torch._dynamo
 
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny_model(num_layers=3)
+    model.use_gradient_checkpointing = checkpointing
+    x = ids(B=2, T=40)
+    eager_loss = model.loss(x[:, :-1], x[:, 1:], expert_type=expert_type, head_chunk=32)
+    eager_loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.compile_blocks()
+    loss = model.loss(x[:, :-1], x[:, 1:], expert_type=expert_type, head_chunk=32)  # 3 chunks, recomputed
+    loss.backward()
+    assert torch.allclose(loss, eager_loss, rtol=1e-10, atol=0)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == eager_grads.keys() and len(eager_grads) > 20
+    for n, g in eager_grads.items():
+        assert torch.allclose(grads[n], g, rtol=1e-8, atol=1e-12), n
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model.loss(x[:, :-1], x[:, 1:], expert_type=expert_type, head_chunk=32).backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing recompiled
+    if not checkpointing:
+        # one graph for the three layers, one or two for the LM head's loss (chunks of 32 and 7
+        # tokens); a graph per layer would make at least 3 + 1
+        assert graphs <= 3, graphs
     torch._dynamo.reset()
     model = tiny_model(num_layers=3)
     model.use_gradient_checkpointing = checkpointing

@@ -1,6 +1,6 @@
 """The GPU path's Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1).
 
-tests/test_gpu_ops.py holds the kernels to the PyTorch reference on a GPU; CI has none. Here the
+tests/ops/test_gpu_ops.py holds the kernels to the PyTorch reference on a GPU; CI has none. Here the
 same ops (long_term_kernel, short_term_kernel in mm_rec/ops/*/kernel.py, with their autograd) run on
 CPU tensors in the interpreter, which executes each kernel program with NumPy, and are checked
 against the float64 chunked reference: outputs, final states, the gradient of every input. The
@@ -97,9 +97,9 @@ def interpreted():
     triton = pytest.importorskip("triton")
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
         pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run loops over runtime bounds under "
-                    "NumPy 2 (fixed in 3.7); tests/test_gpu_ops.py checks the kernels on a GPU")
+                    "NumPy 2 (fixed in 3.7); tests/ops/test_gpu_ops.py checks the kernels on a GPU")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -14,7 +14,7 @@ from mm_rec.scripts.prepare_data import main
 from mm_rec.utils.errors import run_cli
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:

@@ -10,20 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from mm_rec.data.corpus import ensure_default_corpus
 from mm_rec.scripts import train_modular
 from mm_rec.training.checkpoint import load_checkpoint
 from mm_rec.utils.errors import run_cli
 from mm_rec.utils.monitoring import corrupt_checkpoint
 
 MODEL = ["--vocab_size", "512", "--expert_dim", "32", "--num_layers", "1", "--num_heads", "2", "--ffn_dim", "64"]
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """The small real corpus of tests/test_train.py (built once per session, shared with test_ddp.py)."""
-    return ensure_default_corpus(512, cache_dir=tmp_path_factory.getbasetemp() / "mmrec_corpus_cache",
-                                 verbose=False, prose_max_bytes=60_000, code_max_bytes=300_000)
 
 
 def argv(data_dir, ckpt_dir, *args) -> list[str]:

@@ -16,7 +16,7 @@ from mm_rec.model import MMRec100M, MMRecConfig
 from mm_rec.utils.errors import UserError
 
 CONFIG = MMRecConfig(vocab_size=300, expert_dim=16, num_layers=2, num_heads=2, ffn_dim=32, init_std=0.1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def states_filled(value: float, batch: int = 1) -> dict:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mm_rec.data.corpus import ensure_default_corpus
 from mm_rec.scripts import evaluate as evaluate_cli
 from mm_rec.scripts import export as export_cli
 from mm_rec.scripts import generate as generate_cli
@@ -27,12 +25,6 @@ MODEL = ["--vocab_size", "512", "--expert_dim", "32", "--num_layers", "1", "--nu
 PROSE = ("The lighthouse keeper wrote in his log every evening, noting the wind, the ships that passed "
          "and the colour of the sea. ") * 3
 CODE = "def area(width, height):\n    return width * height\n\n\nprint(area(3, 4))\n"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return ensure_default_corpus(512, cache_dir=tmp_path_factory.mktemp("cache"), verbose=False,
-                                 prose_max_bytes=60_000, code_max_bytes=300_000)
 
 
 def train(data_dir, ckpt_dir, *args, expect=0):

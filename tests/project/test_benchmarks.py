@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from benchmarks.baselines.transformer import TransformerBaseline, matched_ffn_dim
 from mm_rec.model import MMRec100M, MMRecConfig, PRESETS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_train_help_runs_without_a_gpu():
