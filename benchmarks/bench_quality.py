@@ -146,7 +146,13 @@ def bits_per_byte(nats: float, n_bytes: int) -> float:
 
 
 def autocast_dtype(device) -> torch.dtype | None:
+    """bf16 on CUDA (as the trainer trains and evaluates), full precision on the CPU."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else None
+
+
+def autocast(device):
+    dtype = autocast_dtype(device)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def score_validation(model, data, byte_lengths, domain, expert_type, batch_size, seq_len, max_batches, device):
@@ -184,7 +190,7 @@ def heldout_streams(tokenizer, files: dict, max_tokens: int) -> dict[str, torch.
 @torch.no_grad()
 def token_losses(model, x, y, expert_type=None, memory_states=None, chunk_size=None, head_chunk=4096):
     """Per-token cross-entropy [T] of one row (x, y [1, T]) and, for MM-Rec, the states after it."""
-    with torch.autocast(x.device.type, dtype=autocast_dtype(x.device), enabled=autocast_dtype(x.device) is not None):
+    with autocast(x.device):
         if carries_state(model):
             logits, states = model(x, expert_type=expert_type, memory_states=memory_states, chunk_size=chunk_size,
                                    return_memory=True)
@@ -220,7 +226,8 @@ def bucket_means(losses_by_row: list[torch.Tensor], buckets) -> list[dict]:
 def segment_losses(model, segment, mode: str, trained_len: int, expert_type=None):
     """Per-position losses of one held-out segment (a 1-D stream, its first token a context start).
     mode "whole": one call over the segment (MM-Rec); "carried": trained_len windows, the state
-    carried (MM-Rec); "fresh": trained_len windows... only the first (the Transformer stops there)."""
+    carried from each to the next (MM-Rec); "fresh": the first trained_len tokens only (the
+    Transformer, which stops at its trained length)."""
     x, y = segment[:-1][None], segment[1:][None]
     if mode == "whole":
         return token_losses(model, x, y, expert_type)[0]
@@ -332,7 +339,7 @@ def train_mqar(kind, args, lr, device) -> dict:
     accuracy = {}
     for pairs in args.pairs:
         x, y = (t.to(device) for t in mqar_batch(args.mqar_eval_batch, args.mqar_seq_len, pairs, args.mqar_vocab, test))
-        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=autocast_dtype(device) is not None):
+        with autocast(device):
             accuracy[str(pairs)] = mqar_accuracy(model, x, y)
     return {"model": kind, "lr": lr, "params": sum(p.numel() for p in model.parameters()),
             "seconds": time.perf_counter() - t0, "accuracy": accuracy}
@@ -378,7 +385,7 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
     """Greedy continuation: MM-Rec by its generate (prefill, then one step per token), the
     Transformer by its full forward at each token (the last position's logits only)."""
     x = ids[None]
-    with torch.autocast(ids.device.type, dtype=autocast_dtype(ids.device), enabled=autocast_dtype(ids.device) is not None):
+    with autocast(ids.device):
         if carries_state(model):
             return model.generate(x, new_tokens, temperature=0.0)[0, ids.numel():].tolist()
         for _ in range(new_tokens):
@@ -538,7 +545,8 @@ def lm_part(args, device) -> None:
         slow, fast = sorted(KINDS, key=lambda k: other[k]["gpu_seconds"], reverse=True)
         ratio = other[fast]["gpu_seconds"] / other[slow]["gpu_seconds"]
         scaled = {s: (max(args.points_per_stage, round(n * ratio)), round(w * ratio)) for s, (n, w) in steps.items()}
-        print(f"equal GPU time: {slow} at {ratio:.3f} of its steps: " + ", ".join(f"{s} {n}" for s, (n, _) in scaled.items()))
+        shown = ", ".join(f"{s} {n}" for s, (n, _) in scaled.items())
+        print(f"equal GPU time: {slow} at {ratio:.3f} of its steps: {shown}")
         run_lm(slow, seed, args, data, tokenizer, device, scaled, name=f"{slow}_seed{seed}_equal_time")
 
 
@@ -687,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SMOKE = dict(preset="tiny", seeds=[1337, 1338], equal_time=True, stage_steps=[2, 1, 1], points_per_stage=2,
-             eval_batches=1, seq_len=32, batch_size=2, head_dim=16, heldout_tokens=64, max_len=64, first_bucket=16, lengths=[256, 384], depths=[0.5],
+             eval_batches=1, seq_len=32, batch_size=2, head_dim=16, heldout_tokens=64, max_len=64, first_bucket=16,
+             lengths=[256, 384], depths=[0.5],
              trials=2, digits=3, pairs=[2, 4], mqar_seq_len=32, mqar_vocab=64, mqar_width=32, mqar_layers=2,
              mqar_mmrec_head_dim=16, mqar_steps=4, mqar_batch=4, mqar_eval_batch=8, mqar_lrs=[3e-3])
 SMOKE_MODEL = dict(vocab_size=512, expert_dim=32, num_layers=1, num_heads=2, ffn_dim=64)
