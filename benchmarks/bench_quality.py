@@ -669,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_batches", type=int, default=8)
     g.add_argument("--seq_len", type=int, default=None, help="every stage's length (default: the preset's)")
     g.add_argument("--batch_size", type=int, default=None)
+    g.add_argument("--eager", action="store_true", help="train with --no_compile --no_cuda_graph (both models)")
     g.add_argument("--equal_time", action="store_true", help="also train the slower model for the faster one's "
                                                                "GPU seconds (first seed)")
     g = p.add_argument_group("position and passkey")
@@ -711,14 +712,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         bad = [v for v in getattr(args, name) if v not in allowed]
         if bad:
             parser.error(f"--{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
-    args.model_flags = {}
+    args.model_flags = dict(no_compile=True, no_cuda_graph=True) if args.eager else {}
     if args.smoke:
         torch.set_num_threads(1)  # ops this small only lose to intra-op threads (4x on a busy 2-core machine)
         defaults = {a.dest: a.default for a in parser._actions}
         for k, v in SMOKE.items():
             if getattr(args, k) == defaults[k]:  # flags given win
                 setattr(args, k, v)
-        args.model_flags = dict(SMOKE_MODEL)
+        args.model_flags.update(SMOKE_MODEL)
         if args.data_dir is None:
             from mm_rec.data.corpus import ensure_default_corpus
             args.data_dir = str(ensure_default_corpus(512, cache_dir=Path(args.out) / "cache", verbose=False,
