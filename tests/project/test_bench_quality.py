@@ -11,7 +11,7 @@ import torch
 from benchmarks import bench_quality as bq
 from mm_rec.model import PRESETS, MMRec100M, MMRecConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mqar_answers_are_the_values_paired_earlier():
