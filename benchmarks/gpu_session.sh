@@ -34,22 +34,23 @@ PHASES="$*"
 if has tests; then
   # Most of the time is Triton compiling fla's kernels for each (T, state, dtype) case on a bare
   # machine: with two GPUs visible the long-term half runs on the second one at the same time.
-  # the trainer's sync-free step on CUDA: the device-side skip of a non-finite step, the read-back,
-  # the batch's copy from pinned memory
-  SKIP_TEST="tests/training/test_train.py::test_a_non_finite_step_changes_nothing_on_the_device
+  # the other CUDA tests: the trainer's sync-free step (the device-side skip of a non-finite step,
+  # the read-back, the batch's copy from pinned memory), the captured step, the graphed decode step
+  CUDA_TESTS="tests/training/test_train.py::test_a_non_finite_step_changes_nothing_on_the_device
              tests/training/test_train.py::test_a_step_record_reads_back_its_own_values
              tests/training/test_train.py::test_a_batch_goes_to_the_gpu_through_pinned_memory
              tests/training/test_train.py::test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step
-             tests/training/test_step_graph.py tests/training/test_checkpoint.py"
+             tests/training/test_step_graph.py tests/training/test_checkpoint.py
+             tests/inference/test_decode_cuda.py"
   gpu_tests() {  # gpu_tests NAME DEVICE -k EXPR
     CUDA_VISIBLE_DEVICES=$2 timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/ops/test_gpu_ops.py -q -s \
         -p no:cacheprovider --durations=0 "${@:3}" > "$OUT/$1.log" 2>&1
     echo "$1 rc=$?"; tail -2 "$OUT/$1.log"
   }
   if [[ -z ${CUDA_VISIBLE_DEVICES:-} && $(nvidia-smi -L | wc -l) -ge 2 ]]; then
-    gpu_tests gpu_tests_long 1 -k long_term & gpu_tests gpu_tests_rest 0 -k "not long_term" $SKIP_TEST; wait
+    gpu_tests gpu_tests_long 1 -k long_term & gpu_tests gpu_tests_rest 0 -k "not long_term" $CUDA_TESTS; wait
   else
-    gpu_tests gpu_tests ${CUDA_VISIBLE_DEVICES:-0} $SKIP_TEST
+    gpu_tests gpu_tests ${CUDA_VISIBLE_DEVICES:-0} $CUDA_TESTS
   fi
   grep -hE "^(short|long)" "$OUT"/gpu_tests*.log | sort -k3 -g | tail -3
 fi
