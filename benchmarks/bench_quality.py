@@ -36,17 +36,21 @@ CPU smoke (CI; tiny models, a few steps, a corpus of the bundled texts built on 
     python benchmarks/bench_quality.py --smoke --out /tmp/bq --json /tmp/bq.json
 
 H200 (one command per device call; the corpus as large_corpus_run.sh builds it):
-    python -m mm_rec.scripts.build_corpus --out .corpus --text_dir .gpu_text      # once
-    H="--out .bq --data_dir .corpus --heldout_text ../shared/docs ../shared/seed/TRAINING_GUIDE_100M.en.md --heldout_code mm_rec"
+    bash benchmarks/large_corpus_run.sh corpus      # once: the corpus in /tmp/large/corpus (~80 s)
+    H="--out /tmp/bq --data_dir /tmp/large/corpus --heldout_text .gpu_text/heldout_text .gpu_text/heldout_long --heldout_code mm_rec"
     python benchmarks/bench_quality.py --parts lm $H --models mmrec --seeds 1337
     python benchmarks/bench_quality.py --parts lm $H --models transformer --seeds 1337
     python benchmarks/bench_quality.py --parts lm $H --models mmrec --seeds 1338 --points_per_stage 1
     python benchmarks/bench_quality.py --parts lm $H --models transformer --seeds 1338 --points_per_stage 1
     python benchmarks/bench_quality.py --parts lm $H --models transformer --seeds 1337 --equal_time
-    python benchmarks/bench_quality.py --parts report,position $H --json .bq/lm_position.json
-    python benchmarks/bench_quality.py --parts mqar --out .bq --json .bq/mqar.json
-    python benchmarks/bench_quality.py --parts passkey $H --json .bq/passkey.json
-(100M preset, bf16, compiled and CUDA-graphed as train_modular is by default; the Transformer's
+    python benchmarks/bench_quality.py --parts report,position $H --json /tmp/bq/lm_position.json
+    python benchmarks/bench_quality.py --parts mqar --out /tmp/bq --json /tmp/bq/mqar.json
+    python benchmarks/bench_quality.py --parts passkey $H --json /tmp/bq/passkey.json
+(.gpu_text/ is made by benchmarks/gather_prose.py; heldout_long/ holds two Debian manuals of 70K+
+tokens each, in no corpus, for the position buckets to 32K. /tmp/bq lives only as long as the
+machine (at most 30 min held): run position and passkey in the lease that trained the first seed,
+and copy each OUT/<model>_seed<S>/run.json back under $OUT (a run with its run.json is skipped).
+100M preset, bf16, compiled and CUDA-graphed as train_modular is by default; the Transformer's
 --compile compiles its whole loss, as bench_train's transformer-graphed, since it has no layer
 function of MM-Rec's kind. The token budget: at most 1 epoch of each domain over the 3 stages.)
 """

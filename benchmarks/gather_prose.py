@@ -10,7 +10,10 @@ gathered here, compressed (about 32 MB), and carried. Sources, all real English 
   mirror): the Linux kernel's documentation (reST), PostgreSQL's, Django's, git's, Sphinx's, R's,
   GIMP's and LibreOffice's help, the Debian handbook and reference, GNOME's user guide, and three
   dictionaries (GCIDE, i.e. Webster's 1913, FOLDOC and the Jargon File);
-- held-out prose (heldout_text/): ../shared/docs and the training guide, in no corpus.
+- held-out prose (heldout_text/): ../shared/docs and the training guide, in no corpus;
+- long held-out prose (heldout_long/, plain text, one document a file): Debian's Policy Manual (its
+  reST sources in order) and Developer's Reference, each far beyond 32K tokens and in no corpus,
+  for loss by position (benchmarks/bench_quality.py --heldout_text).
 HTML and Mallard pages are reduced to their text; each page is a document (blank lines apart);
 pages shorter than 200 characters and exact repeats are left out. Every package is MIT/GPL/GFDL or
 public-domain documentation; their copyright files are in the packages.
@@ -88,6 +91,13 @@ PACKAGES = {
 }
 
 
+# Long single documents, kept out of the corpus: name -> (Debian package, file glob, markup?)
+HELDOUT_LONG = {
+    "debian_policy": ("debian-policy", "policy.html/_sources/*.rst.txt", False),
+    "developers_reference": ("developers-reference", "developers-reference.html", True),
+}
+
+
 def write_documents(out: Path, documents) -> int:
     """Documents into out (xz), blank lines apart; short ones and exact repeats left out."""
     seen, chars = set(), 0
@@ -113,6 +123,18 @@ def gather_package(name: str, out_dir: Path, work: Path) -> tuple[str, int]:
     return name, write_documents(out_dir / f"{name}.txt.xz", docs)
 
 
+def gather_long(name: str, out_dir: Path, work: Path) -> tuple[str, int]:
+    package, pattern, is_markup = HELDOUT_LONG[name]
+    folder = work / package
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["apt-get", "download", package], cwd=folder, check=True, capture_output=True)
+    subprocess.run(["dpkg-deb", "-x", str(next(folder.glob("*.deb"))), str(folder / "root")], check=True)
+    parts = [markup_to_text(_read(p)) if is_markup else _read(p) for p in sorted((folder / "root").rglob(pattern))]
+    text = "\n\n".join(parts)
+    (out_dir / f"{name}.txt").write_text(text, encoding="utf-8")
+    return name, len(text)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--out", type=Path, required=True)
@@ -132,6 +154,11 @@ def main(argv=None) -> None:
         for name, chars in pool.map(gather_package, PACKAGES, [args.out] * len(PACKAGES),
                                     [Path(work)] * len(PACKAGES)):
             print(f"{name}: {chars:,} characters")
+    long = args.out / "heldout_long"
+    long.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        for name in HELDOUT_LONG:
+            print("%s (held out): %s characters" % (name, f"{gather_long(name, long, Path(work))[1]:,}"))
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"{args.out}: {total / 2**20:.1f} MiB")
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The guide's schedule on a large real corpus, on a lent GPU machine (issue 20's run). In the
 # background (setsid), so that it outlives one device call; follow it with `wait`.
+#   bash benchmarks/large_corpus_run.sh corpus   # build the corpus only ($W/corpus, W=/tmp/large)
 #   bash benchmarks/large_corpus_run.sh start    # build the corpus, then train as the guide types it
 #                                                # (MAX_STEPS=N: at most N steps a stage)
 #   bash benchmarks/large_corpus_run.sh wait N   # wait up to N s for the run, print its progress
@@ -12,10 +13,13 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; W=${W:-/tmp/large}; mkdir -p "$OUT" "$W"
 HELDOUT="--heldout_text $PWD/.gpu_text/heldout_text --heldout_code $PWD/mm_rec"
+unpack() { mkdir -p "$W/text"; for f in .gpu_text/*.txt.xz; do xz -dc "$f" > "$W/text/$(basename "$f" .xz)"; done; }
 case "$1" in
+corpus)  # only the corpus, in the foreground (benchmarks/bench_quality.py's --data_dir)
+  unpack
+  [ -f $W/corpus/meta.json ] || python3 -m mm_rec.scripts.build_corpus --out $W/corpus --text_dir $W/text --json $W/corpus.json ;;
 start)
-  mkdir -p "$W/text"
-  for f in .gpu_text/*.txt.xz; do xz -dc "$f" > "$W/text/$(basename "$f" .xz)"; done
+  unpack
   rm -f $W/train.rc; rm -rf $W/checkpoints
   setsid nohup bash -c "
     date +%s > $W/t0
