@@ -4,6 +4,7 @@
 # phases, .gpu_data/default32k (the default corpus prepared here: python -c "from mm_rec.data.corpus
 # import ensure_default_corpus; ensure_default_corpus(32000)", copied from ~/.cache/mm_rec).
 #   bash benchmarks/gpu_session.sh tests bench        # GPU tests, training-step benchmark
+#   bash benchmarks/gpu_session.sh bench_ab           # the training step before the structure change and now
 #   bash benchmarks/gpu_session.sh decode train ddp   # decode latency, real runs, 2-GPU DDP
 #   bash benchmarks/gpu_session.sh train_compiled     # the real run with --compile_mode reduce-overhead
 #   bash benchmarks/gpu_session.sh train_graphed      # the real run with --compile --cuda_graph
@@ -32,27 +33,32 @@ has() { [[ " $PHASES " == *" $1 "* ]]; }
 PHASES="$*"
 
 if has tests; then
-  # Most of the time is Triton compiling fla's kernels for each (T, state, dtype) case on a bare
-  # machine: with two GPUs visible the long-term half runs on the second one at the same time.
-  # the other CUDA tests: the trainer's sync-free step (the device-side skip of a non-finite step,
-  # the read-back, the batch's copy from pinned memory), the captured step, the graphed decode step
+  # The other CUDA tests first (a minute): the trainer's sync-free step (the device-side skip of a
+  # non-finite step, the read-back, the batch's copy from pinned memory), the captured step, the
+  # graphed decode step. Then the kernels against their references: most of that time is Triton
+  # compiling each (T, state, dtype) case on a bare machine (over 400 s on one H200), so with two GPUs
+  # visible the long-term half runs on the second one at the same time.
   CUDA_TESTS="tests/training/test_train.py::test_a_non_finite_step_changes_nothing_on_the_device
              tests/training/test_train.py::test_a_step_record_reads_back_its_own_values
              tests/training/test_train.py::test_a_batch_goes_to_the_gpu_through_pinned_memory
              tests/training/test_train.py::test_cuda_graph_captured_on_the_gpu_trains_like_the_uncaptured_step
              tests/training/test_step_graph.py tests/training/test_checkpoint.py
              tests/inference/test_decode_cuda.py"
-  gpu_tests() {  # gpu_tests NAME DEVICE -k EXPR
-    CUDA_VISIBLE_DEVICES=$2 timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/ops/test_gpu_ops.py -q -s \
-        -p no:cacheprovider --durations=0 "${@:3}" > "$OUT/$1.log" 2>&1
-    echo "$1 rc=$?"; tail -2 "$OUT/$1.log"
+  gpu_tests() {  # gpu_tests NAME DEVICE TIMEOUT pytest-args...: one line of result (pytest's summary)
+    CUDA_VISIBLE_DEVICES=$2 timeout $3 python3 -m pytest -q -s -p no:cacheprovider --durations=0 "${@:4}" \
+        > "$OUT/$1.log" 2>&1
+    local rc=$?; [[ $rc == 124 ]] && echo "$1: TIMED OUT after $3 s (pytest did not finish)"
+    echo "$1 rc=$rc: $(grep -E '[0-9]+ (passed|failed)' "$OUT/$1.log" | tail -1)"
   }
+  dev=${CUDA_VISIBLE_DEVICES:-0}
+  gpu_tests cuda_tests $dev ${CUDA_TESTS_TIMEOUT:-240} $CUDA_TESTS
   if [[ -z ${CUDA_VISIBLE_DEVICES:-} && $(nvidia-smi -L | wc -l) -ge 2 ]]; then
-    gpu_tests gpu_tests_long 1 -k long_term & gpu_tests gpu_tests_rest 0 -k "not long_term" $CUDA_TESTS; wait
+    gpu_tests gpu_ops_long 1 ${TESTS_TIMEOUT:-540} tests/ops/test_gpu_ops.py -k long_term &
+    gpu_tests gpu_ops_rest 0 ${TESTS_TIMEOUT:-540} tests/ops/test_gpu_ops.py -k "not long_term"; wait
   else
-    gpu_tests gpu_tests ${CUDA_VISIBLE_DEVICES:-0} $CUDA_TESTS
+    gpu_tests gpu_ops $dev ${TESTS_TIMEOUT:-540} tests/ops/test_gpu_ops.py
   fi
-  grep -hE "^(short|long)" "$OUT"/gpu_tests*.log | sort -k3 -g | tail -3
+  grep -hE "^(short|long)" "$OUT"/gpu_ops*.log | sort -k3 -g | tail -3
 fi
 if has ops; then  # the recurrences alone (bench_ops.py), and fla launch-config candidates
   timeout 300 python3 benchmarks/bench_ops.py --out "$OUT/ops.json" --profile 2x8192 > "$OUT/ops.log" 2>&1
@@ -68,6 +74,34 @@ if has bench; then  # BENCH_NAME names the files, for several bench runs in one 
       ${BENCH_ARGS:---shapes stage1,stage2,8x8192 --pytorch-max-tokens 4096 --repeats 5 --steps 3} \
       > "$OUT/$name.log" 2>&1
   echo "$name rc=$?"; grep -v "warm-up" "$OUT/$name.log" | grep -A30 "^shape " | tail -32
+fi
+if has bench_ab; then  # the training step of the tree before the structure change (.gpu_data/before.tgz:
+  # git archive a355fbe mm_rec benchmarks | gzip) against this tree's, MM-Rec graphed at the stage
+  # shapes, interleaved: before, now, before, now (one process each: each tree imports its own mm_rec)
+  rm -rf /tmp/before && mkdir -p /tmp/before && tar xzf .gpu_data/before.tgz -C /tmp/before
+  args="--shapes stage1,stage2,stage3 --variants mmrec-gpu-graphed --repeats 5 --steps 5 --warmup 3"
+  for round in 1 2; do
+    (cd /tmp/before && PYTHONPATH=$SITE:/tmp/before timeout 240 python3 benchmarks/bench_train.py $args \
+        --out "$OUT/bench_before_$round.json" > "$OUT/bench_before_$round.log" 2>&1); echo "before $round rc=$?"
+    timeout 240 python3 benchmarks/bench_train.py $args --out "$OUT/bench_now_$round.json" \
+        > "$OUT/bench_now_$round.log" 2>&1; echo "now $round rc=$?"
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys, statistics
+from pathlib import Path
+out = Path(sys.argv[1])
+def rows(tree):
+    got = {}
+    for f in sorted(out.glob(f"bench_{tree}_*.json")):
+        for r in json.loads(f.read_text())["results"]:
+            got.setdefault(r["shape"], []).append(r["tokens_per_s"])
+    return got
+before, now = rows("before"), rows("now")
+print(f"{'shape':8} {'before tok/s':>14} {'now tok/s':>12} {'now/before':>10}")
+for shape in now:
+    b, n = statistics.median(before.get(shape, [float("nan")])), statistics.median(now[shape])
+    print(f"{shape:8} {b:>14,.0f} {n:>12,.0f} {n / b:>10.3f}")
+PY
 fi
 if has decode; then
   timeout 150 python3 benchmarks/bench_decode.py --device cuda --preset 100m --contexts 1024 65536 \
