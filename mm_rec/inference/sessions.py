@@ -331,6 +331,8 @@ class SessionMemoryManager:
 
     def _current_metadata(self, session_id: str) -> dict | None:
         """The stored metadata, or None if there is none or it is unreadable (then it is replaced)."""
+        if not self.exists(session_id):  # a new session: _read's not-found error would list every session
+            return None
         try:
             return self.load_metadata(session_id)
         except UserError:
