@@ -44,7 +44,7 @@ from torch._utils import _unflatten_dense_tensors
 
 from ..utils.errors import UserError
 from ..utils.fileio import atomic_write_bytes, disk_error
-from .state import flat_by_dtype
+from .state import RecurrentState, flat_by_dtype
 
 SESSION_NAME = "session.safetensors"
 LOCK_NAME = "lock"
@@ -448,8 +448,8 @@ class SessionMemoryManager:
             raise UserError(f"session {session_id!r} was saved by a different model (config hash "
                             f"{metadata.get('config_hash')}, this model {expected}); start a new session")
         states = check_states(flat, metadata, where, config, batch_size)
-        if str(device) != "cpu":
-            states = {e: [{k: t.to(device) for k, t in layer.items()} for layer in layers] for e, layers in states.items()}
+        if str(device) != "cpu":  # one transfer per dtype, not one per tensor
+            states = RecurrentState.from_memory_states(states).compact(device).to_memory_states()
         return states, metadata
 
     def load_state(self, session_id: str, device="cpu", config=None, config_hash: str | None = None,

@@ -115,12 +115,15 @@ class RecurrentState:
         rows = zip(*(t.split(1) for t in self.tensors()))
         return [self._with_tensors(row) for row in rows]
 
-    def compact(self) -> "RecurrentState":
-        """A copy whose tensors are views of one buffer per dtype: its own memory, made by one copy
-        instead of one per tensor (a state holds a few dozen)."""
+    def compact(self, device=None) -> "RecurrentState":
+        """A copy whose tensors are views of one buffer per dtype, on `device` (default: where it
+        is): its own memory, made by one copy (and one transfer) instead of one per tensor (a state
+        holds a few dozen)."""
         tensors = self.tensors()
         copies: list[torch.Tensor | None] = [None] * len(tensors)
         for group, flat in flat_by_dtype(tensors):
+            if device is not None:
+                flat = flat.to(device)
             for i, view in zip(group, _unflatten_dense_tensors(flat, [tensors[i] for i in group])):
                 copies[i] = view
         return self._with_tensors(copies)
