@@ -344,29 +344,22 @@ class Server:
         return out
 
 
-async def _until_disconnected(coro, http: HTTPRequest) -> bool:
-    """Run coro to the end (True); if the client disconnects first, cancel it (False). The body is
-    read by then, so the request's next ASGI message is the disconnect: waited for, not polled (a
-    poll every 50 ms per waiting request was a large part of the event loop's work)."""
+async def _until_disconnected(coro, http: HTTPRequest, poll: float = 0.05) -> bool:
+    """Run coro to the end (True); if the client disconnects first, cancel it (False)."""
     task = asyncio.ensure_future(coro)
-    watcher = asyncio.ensure_future(_disconnected(http))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
-            return True
-        return False
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                task.result()
+                return True
+            if await http.is_disconnected():
+                return False
     finally:
-        watcher.cancel()
         if not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-
-
-async def _disconnected(http: HTTPRequest) -> None:
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _rss_bytes() -> int | None:
