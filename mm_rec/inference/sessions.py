@@ -38,10 +38,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch._utils import _unflatten_dense_tensors
 
 from ..utils.errors import UserError
 from ..utils.fileio import atomic_write_bytes, disk_error
+from .state import RecurrentState, flat_by_dtype
 
 SESSION_NAME = "session.safetensors"
 LOCK_NAME = "lock"
@@ -54,6 +57,7 @@ METADATA_NAME = "metadata.json"
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _STATE_KEY = re.compile(r"([A-Za-z0-9_]+)\.(\d+)\.(h|M)")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)  # bfloat16 has no numpy dtype
 _MAX_HEADER = 16 << 20
 _held = threading.local()  # lock files this thread holds: a nested lock() of the same session is a no-op
 
@@ -66,13 +70,51 @@ def validate_session_id(session_id: str) -> str:
 
 
 def flatten_states(memory_states: dict) -> dict[str, torch.Tensor]:
-    """{"text": [{"h", "M"}, ...]} -> {"text.0.h": tensor, "text.0.M": tensor, ...}"""
+    """{"text": [{"h", "M"}, ...]} -> {"text.0.h": tensor, "text.0.M": tensor, ...}, on the CPU"""
     flat = {}
     for expert, layers in memory_states.items():
         for i, layer in enumerate(layers):
             for key, tensor in layer.items():
                 flat[f"{expert}.{i}.{key}"] = tensor.detach().to("cpu").contiguous()
     return flat
+
+
+def _states_on_host(memory_states: dict, where: str) -> dict[str, "np.ndarray | torch.Tensor"]:
+    """flatten_states(memory_states), checked finite (else a UserError naming the tensor), through
+    one copy to the host per dtype instead of one per tensor: a server saves from many threads while
+    its engine runs; each copy from the device waits for it, each call into torch lets another
+    thread take the GIL. fp16/32/64 come as numpy views of that copy (no call into torch each)."""
+    named = {f"{expert}.{i}.{key}": tensor for expert, layers in memory_states.items()
+             for i, layer in enumerate(layers) for key, tensor in layer.items()}
+    tensors = list(named.values())
+    for name, tensor in named.items():
+        if not tensor.is_floating_point():
+            raise UserError(f"{where}: the memory state {name} is not finite floats; not saving it")
+    host: list = [None] * len(tensors)
+    for group, flat in flat_by_dtype(tensors):
+        flat = flat.cpu()
+        if not bool(torch.isfinite(flat).all()):
+            name = next(n for n, t in named.items() if not bool(torch.isfinite(t).all()))
+            raise UserError(f"{where}: the memory state {name} is not finite floats; not saving it")
+        if flat.dtype in _NUMPY_DTYPES:
+            array, start = flat.numpy(), 0
+            for i in group:
+                host[i] = array[start:start + tensors[i].numel()].reshape(tensors[i].shape)
+                start += tensors[i].numel()
+        else:
+            for i, view in zip(group, _unflatten_dense_tensors(flat, [tensors[i] for i in group])):
+                host[i] = view
+    return dict(zip(named, host))
+
+
+def _safetensors_bytes(host: dict, metadata: dict[str, str]) -> bytes:
+    """The file safetensors.torch.save(flatten_states(...), metadata) writes, byte for byte."""
+    if all(isinstance(h, np.ndarray) for h in host.values()):
+        from safetensors.numpy import save
+        return save(host, metadata=metadata)
+    from safetensors.torch import save
+    return save({n: torch.from_numpy(h) if isinstance(h, np.ndarray) else h for n, h in host.items()},
+                metadata=metadata)
 
 
 def unflatten_states(flat: dict[str, torch.Tensor]) -> dict:
@@ -274,19 +316,14 @@ class SessionMemoryManager:
 
         expected_version: the `version` the caller loaded; if the session has been saved since, the
         save is refused (UserError) instead of overwriting that turn. Returns the session folder."""
-        from safetensors.torch import save
         validate_session_id(session_id)
         if not memory_states:
             raise UserError(f"session {session_id!r}: there is no memory state to save")
         if token_count is not None and not _is_count(token_count):
             raise UserError(f"session {session_id!r}: token_count must be an integer >= 0, got {token_count!r}")
-        flat = flatten_states(memory_states)
-        for name, tensor in flat.items():
-            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-                raise UserError(f"session {session_id!r}: the memory state {name} is not finite floats; "
-                                "not saving it")
-        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in flat.values()})
-        batch = {t.shape[0] for t in flat.values()}
+        host = _states_on_host(memory_states, f"session {session_id!r}")
+        dtypes = sorted({str(h.dtype).removeprefix("torch.") for h in host.values()})
+        batch = {h.shape[0] for h in host.values()}
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         with self.lock(session_id):
             current = self._current_metadata(session_id)
@@ -310,7 +347,7 @@ class SessionMemoryManager:
             }
             folder = self.session_dir(session_id)
             self._remove_stale_temporaries(folder)
-            data = save(flat, metadata={HEADER_KEY: json.dumps(metadata)})  # (bytes: a few MB at most)
+            data = _safetensors_bytes(host, {HEADER_KEY: json.dumps(metadata)})  # (a few MB at most)
             try:
                 atomic_write_bytes(folder / SESSION_NAME, data, action=f"save session {session_id!r} to")
             except UserError:
@@ -331,6 +368,8 @@ class SessionMemoryManager:
 
     def _current_metadata(self, session_id: str) -> dict | None:
         """The stored metadata, or None if there is none or it is unreadable (then it is replaced)."""
+        if not self.exists(session_id):  # a new session: _read's not-found error would list every session
+            return None
         try:
             return self.load_metadata(session_id)
         except UserError:
@@ -409,8 +448,8 @@ class SessionMemoryManager:
             raise UserError(f"session {session_id!r} was saved by a different model (config hash "
                             f"{metadata.get('config_hash')}, this model {expected}); start a new session")
         states = check_states(flat, metadata, where, config, batch_size)
-        if str(device) != "cpu":
-            states = {e: [{k: t.to(device) for k, t in layer.items()} for layer in layers] for e, layers in states.items()}
+        if str(device) != "cpu":  # one transfer per dtype, not one per tensor
+            states = RecurrentState.from_memory_states(states).compact(device).to_memory_states()
         return states, metadata
 
     def load_state(self, session_id: str, device="cpu", config=None, config_hash: str | None = None,

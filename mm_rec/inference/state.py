@@ -19,6 +19,17 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def flat_by_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """(indices into tensors, their values concatenated into one flat buffer) per dtype: one copy
+    and a single call into torch for dozens of tensors (each call lets other threads take the GIL,
+    and on a device each copy is a kernel, each transfer a wait)."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return [(group, _flatten_dense_tensors([tensors[i] for i in group]).detach()) for group in groups.values()]
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,31 @@ class RecurrentState:
         """The given rows (a list or LongTensor of indices), in that order: a copy."""
         rows = torch.as_tensor(rows, dtype=torch.long).to(self.device)
         return self.map(lambda t: t.index_select(0, rows))
+
+    def unbind(self) -> list["RecurrentState"]:
+        """Each row as a state of batch 1: views of self's tensors, no copy (a row's view keeps the
+        whole batch's tensors alive)."""
+        rows = zip(*(t.split(1) for t in self.tensors()))
+        return [self._with_tensors(row) for row in rows]
+
+    def compact(self, device=None) -> "RecurrentState":
+        """A copy whose tensors are views of one buffer per dtype, on `device` (default: where it
+        is): its own memory, made by one copy (and one transfer) instead of one per tensor (a state
+        holds a few dozen)."""
+        tensors = self.tensors()
+        copies: list[torch.Tensor | None] = [None] * len(tensors)
+        for group, flat in flat_by_dtype(tensors):
+            if device is not None:
+                flat = flat.to(device)
+            for i, view in zip(group, _unflatten_dense_tensors(flat, [tensors[i] for i in group])):
+                copies[i] = view
+        return self._with_tensors(copies)
+
+    def _with_tensors(self, tensors: Sequence[torch.Tensor]) -> "RecurrentState":
+        """A state of self's experts and layers holding `tensors`, in the order of tensors()."""
+        it = iter(tensors)
+        return RecurrentState({name: [LayerState(next(it), next(it)) for _ in layers]
+                               for name, layers in self.experts.items()})
 
     @staticmethod
     def concat(parts: Sequence["RecurrentState"]) -> "RecurrentState":

@@ -215,6 +215,7 @@ class Engine:
         self._outbox: list = []
         self.steps = 0
         self._byte_table = ByteDetokenizer.table_for(tokenizer)
+        self._zeros: dict[tuple[str, ...], RecurrentState] = {}  # experts -> the empty state of one row
 
     # -- control (any thread) ----------------------------------------------------------------------
     def start(self, warmup_batch_sizes=(1,)) -> None:
@@ -301,8 +302,10 @@ class Engine:
         r.outbox = self._outbox
         if r.state is not None:
             r.work_state = r.state.with_experts(active, self.model).to(self.device, self.state_dtype)
-        else:
-            r.work_state = RecurrentState.zeros(self.model, 1, active, self.device, self.state_dtype)
+        else:  # shared by every new request: states are values, never written in place
+            if active not in self._zeros:
+                self._zeros[active] = RecurrentState.zeros(self.model, 1, active, self.device, self.state_dtype)
+            r.work_state = self._zeros[active]
         r.next_input = r.prompt_ids[-1]
         if len(r.prompt_ids) > 1:
             self.prefilling.append(r)
@@ -354,8 +357,8 @@ class Engine:
         new = RecurrentState.from_memory_states(new)
         if new.dtype != self.state_dtype:
             new = new.to(dtype=self.state_dtype)
-        for i, r in enumerate(group):
-            r.work_state = new.select([i]) if len(group) > 1 else new
+        for r, row in zip(group, new.unbind() if len(group) > 1 else [new]):
+            r.work_state = row  # a view of the group's state until the row's next concat copies it
             r.consumed += length
             if r.consumed == len(r.prompt_ids) - 1:
                 self.prefilling.remove(r)
@@ -376,11 +379,15 @@ class Engine:
 
         sampling = [i for i, r in enumerate(rows) if r.finish_reason is None]
         tokens = self._sample(logits, rows, sampling)
+        complete = [i for i, r in enumerate(rows) if r.finish_reason is not None]  # last token consumed
+        # one copy of their rows out of the step's state (on CUDA the graph's buffers, overwritten by
+        # the next step), each row then a view of it
+        final = dict(zip(complete, state.select(complete).unbind())) if complete else {}
         leave = []
         for i, r in enumerate(rows):
-            if r.finish_reason is not None:  # its last token is consumed: the turn's state is complete
+            if i in final:  # the turn's state is complete
                 r.work_state = None
-                self._finish(r, state.select([i]).merged_into(r.state))
+                self._finish(r, final[i].merged_into(r.state))
                 leave.append(i)
                 continue
             self._accept(r, tokens[i])

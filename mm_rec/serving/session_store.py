@@ -82,9 +82,16 @@ class SessionStore:
         return RecurrentState({n: state.experts[n] for n in self.config.expert_names if n in state.experts}), tokens
 
     async def save(self, session_id: str, state: RecurrentState, token_count: int) -> None:
-        await asyncio.to_thread(self.manager.serialize_state, session_id, state.to_memory_states(),
-                                token_count=token_count, config=self.config)
+        state = await asyncio.to_thread(self._save_to_disk, session_id, state, token_count)
         self._keep_hot(session_id, state, token_count)
+
+    def _save_to_disk(self, session_id: str, state: RecurrentState, token_count: int) -> RecurrentState:
+        """The state, compacted (a turn's state can be a view of its whole decode batch's copy,
+        which the LRU would keep alive), after it is written."""
+        state = state.compact()
+        self.manager.serialize_state(session_id, state.to_memory_states(), token_count=token_count,
+                                     config=self.config)
+        return state
 
     def _keep_hot(self, session_id, state, token_count) -> None:
         if self.max_hot <= 0:

@@ -1,5 +1,7 @@
 """Session memory: exact round trip, continuation == uninterrupted, id validation, clear errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -119,3 +121,23 @@ def test_shape_check_without_hash(tmp_path):
     assert meta["config_hash"] is None
     with pytest.raises(UserError, match="does not fit|shapes"):
         sessions.load_state("s", config=tiny_model(num_layers=3).config)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float64,), (torch.bfloat16, torch.float32)])
+def test_a_saved_file_is_what_per_tensor_safetensors_writes(tmp_path, dtypes):
+    """The save copies each dtype's tensors to the host at once (and fp16/32/64 through numpy): the
+    file must stay byte for byte what safetensors.torch.save of the per-tensor copies writes."""
+    from safetensors.torch import save
+
+    from mm_rec.inference.sessions import HEADER_KEY, SESSION_NAME
+    gen = torch.Generator().manual_seed(5)
+    memory = {expert: [{"h": torch.randn(2, 16, generator=gen).to(dtypes[(i + j) % len(dtypes)]),
+                        "M": torch.randn(2, 2, 8, 8, generator=gen).transpose(-1, -2)}  # not contiguous
+                       for i in range(2)] for j, expert in enumerate(("text", "code"))}
+    sessions = SessionMemoryManager(tmp_path)
+    sessions.serialize_state("s", memory, token_count=3)
+    written = (tmp_path / "s" / SESSION_NAME).read_bytes()
+    header = json.dumps(sessions.load_metadata("s"))
+    assert written == save(flatten_states(memory), metadata={HEADER_KEY: header})
+    restored = flatten_states(sessions.load_state("s"))
+    assert all(torch.equal(restored[k], t) and restored[k].dtype == t.dtype for k, t in flatten_states(memory).items())

@@ -1,5 +1,5 @@
 """RecurrentState (row select / concat / where / replace, conversion to the model's dicts, zeros that
-equal the model's own start) and DecodeStep's eager path (= model.step), bucket sizes."""
+equal the model's own start, unbind and compact) and DecodeStep's eager path (= model.step), bucket sizes."""
 import pytest
 import torch
 
@@ -51,6 +51,21 @@ def test_select_concat_where_replace_act_on_rows():
     assert not replaced.equal(a)
     with pytest.raises(ValueError, match="different experts"):
         RecurrentState.concat([a, state_after(model, torch.randint(0, 50, (1, 5), generator=gen), "text")])
+
+
+def test_unbind_gives_rows_as_views_and_compact_copies_into_one_buffer():
+    model = tiny_model()
+    state = state_after(model, torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(3)))
+    rows = state.unbind()
+    assert len(rows) == 3 and all(row.equal(state.select([i])) for i, row in enumerate(rows))
+    assert rows[1].experts["code"][1].M.data_ptr() == state.experts["code"][1].M[1].data_ptr()  # no copy
+    mixed = RecurrentState({"text": state.experts["text"], "code": state.to(dtype=torch.float32).experts["code"]})
+    compact = mixed.compact()
+    assert compact.equal(mixed) and compact.experts["code"][0].h.dtype == torch.float32
+    for original, copy in zip(mixed.tensors(), compact.tensors()):
+        assert copy.shape == original.shape and copy.dtype == original.dtype and copy.is_contiguous()
+    buffers = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in compact.tensors()}
+    assert len(buffers) == 2 and sum(buffers.values()) == mixed.nbytes  # one buffer per dtype, nothing else
 
 
 def test_zeros_and_missing_experts_equal_the_models_empty_start():

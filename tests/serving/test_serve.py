@@ -327,6 +327,40 @@ def test_batching_through_the_decode_graph_buffers(checkpoint, tmp_path, referen
         assert out == greedy_ids(reference, p, 4 + i)
 
 
+def test_sessions_ending_together_keep_their_own_exact_states(checkpoint, tmp_path, reference):
+    """Rows finishing in the same step (graphed path, emulated) have their states copied out of the
+    static buffers (which later steps overwrite) at once: no saved state shares their memory, and
+    each session's hot state equals its file and holds only its own memory (not its whole batch's)."""
+    from mm_rec.inference.decode import DecodeStep
+    prompts = [prompt_ids(reference, "The whale " * (1 + i % 3))[: 2 + 3 * i] for i in range(8)]
+    with ServerThread(checkpoint, tmp_path, "--prefill_chunk", "8") as s:
+        s.engine.step = DecodeStep(s.engine.model, emulate=True)
+        store = s.app.state.server.store
+        aliased, save = [], store.save
+
+        async def recording_save(session_id, state, token_count):  # (the buffers live as long as the graphs)
+            static = {t.untyped_storage().data_ptr() for g in list(s.engine.step.graphs.values())
+                      for t in g.state.tensors()}
+            aliased.append(any(t.untyped_storage().data_ptr() in static for t in state.tensors()))
+            await save(session_id, state, token_count)
+        store.save = recording_save
+
+        async def run():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as http:
+                return await asyncio.gather(*[http.post("/v1/completions", json={
+                    "model": "mm-rec", "prompt": p, "max_tokens": i % 3, "temperature": 0, "ignore_eos": True,
+                    "session_id": f"s{i}"}) for i, p in enumerate(prompts)])
+
+        assert all(r.status_code == 200 for r in asyncio.run(run()))
+        assert s.engine.step.graphs and len(aliased) == len(prompts) and not any(aliased)
+        for i in range(len(prompts)):
+            hot, _ = store.hot[f"s{i}"]
+            disk, _ = store._load_from_disk(f"s{i}")
+            assert hot.equal(disk)
+            buffers = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in hot.tensors()}
+            assert sum(buffers.values()) == hot.nbytes
+
+
 def test_incremental_detokenizers_give_the_tokenizers_decode():
     """Both incremental decoders (the byte table and the window fallback) end with exactly
     tokenizer.decode of the tokens, however characters are split over tokens (random ids)."""
@@ -391,6 +425,20 @@ def test_a_client_that_disconnects_frees_its_row(server):
         # Freed long before its 64 tokens; the unfinished turn is not saved.
         assert server.engine.steps - steps < 40
         assert http.get("/v1/sessions/gone").status_code == 404
+
+
+def test_a_client_that_disconnects_from_a_plain_request_frees_its_row(checkpoint, tmp_path):
+    with ServerThread(checkpoint, tmp_path) as s:
+        step = s.engine.step
+        s.engine.step = lambda *args: (time.sleep(0.02), step(*args))[1]  # 200 tokens take 4 s
+        body = {"model": "mm-rec", "prompt": "The", "max_tokens": 200, "ignore_eos": True, "session_id": "gone"}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 20
+        while s.app.state.server.in_flight or s.engine.active_rows:
+            assert time.monotonic() < deadline, "the row was not freed"
+            time.sleep(0.01)
+        assert s.engine.steps < 100 and httpx.get(s.url + "/v1/sessions/gone").status_code == 404
 
 
 # -- errors --------------------------------------------------------------------------------------------------
