@@ -40,11 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch._utils import _unflatten_dense_tensors
 
 from ..utils.errors import UserError
 from ..utils.fileio import atomic_write_bytes, disk_error
-from .state import RecurrentState, flat_by_dtype
+from .state import RecurrentState, flat_by_dtype, split_flat
 
 SESSION_NAME = "session.safetensors"
 LOCK_NAME = "lock"
@@ -102,7 +101,7 @@ def _states_on_host(memory_states: dict, where: str) -> dict[str, "np.ndarray | 
                 host[i] = array[start:start + tensors[i].numel()].reshape(tensors[i].shape)
                 start += tensors[i].numel()
         else:
-            for i, view in zip(group, _unflatten_dense_tensors(flat, [tensors[i] for i in group])):
+            for i, view in zip(group, split_flat(flat, [tensors[i] for i in group])):
                 host[i] = view
     return dict(zip(named, host))
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def flat_by_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
@@ -29,7 +28,12 @@ def flat_by_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torc
     groups: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault(t.dtype, []).append(i)
-    return [(group, _flatten_dense_tensors([tensors[i] for i in group]).detach()) for group in groups.values()]
+    return [(group, torch.cat([tensors[i].detach().reshape(-1) for i in group])) for group in groups.values()]
+
+
+def split_flat(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat` (flat_by_dtype's buffer) shaped as `like`, in order."""
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ class RecurrentState:
         for group, flat in flat_by_dtype(tensors):
             if device is not None:
                 flat = flat.to(device)
-            for i, view in zip(group, _unflatten_dense_tensors(flat, [tensors[i] for i in group])):
+            for i, view in zip(group, split_flat(flat, [tensors[i] for i in group])):
                 copies[i] = view
         return self._with_tensors(copies)
 

@@ -13,6 +13,7 @@ import gc
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +22,23 @@ from .errors import UserError
 _DISK_FULL_MARKERS = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "No space left")
 
 
+_umask_lock = threading.Lock()
+
+
 def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's umask. Read from /proc on Linux: os.umask can only be read by setting it, and
+    for that moment a file or folder another thread creates (a server saves sessions from several)
+    would get mode 0o777/0o666."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:  # elsewhere: the set-and-restore dance, at least not racing itself
+        mask = os.umask(0o077)  # (the brief mask is the strict one: a file made meanwhile is private)
+        os.umask(mask)
     return mask
 
 

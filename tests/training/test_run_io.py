@@ -103,3 +103,19 @@ def test_checkpoints_follow_the_umask(tmp_path, umask, mode):
     for path in (tmp_path / "direct.pt", tmp_path / "background.pt", tmp_path / "run" / "checkpoint_stage1_step_1.pt",
                  tmp_path / "run" / "metrics.jsonl"):
         assert oct(path.stat().st_mode & 0o777) == oct(mode), path
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc (Linux)")
+def test_reading_the_umask_never_sets_it(monkeypatch):
+    """A server saves sessions from several threads: setting the umask to read it would give a folder
+    another thread creates meanwhile the mode 0o777."""
+    from mm_rec.utils.fileio import current_umask, file_mode
+    before = os.umask(0o027)
+    try:
+        def no_setting(mask):
+            raise AssertionError(f"os.umask({mask:#o}) called")
+        monkeypatch.setattr(os, "umask", no_setting)
+        assert current_umask() == 0o027 and file_mode() == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(before)
