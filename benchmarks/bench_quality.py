@@ -285,41 +285,64 @@ def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int, generator: torc
     Keys come from [1, vocab/2), values from [vocab/2, vocab); each row holds `pairs` distinct keys
     with their values as k1 v1 k2 v2 ..., then every key once more, in random order at random even
     offsets of the rest (zeros elsewhere). The target at a query is its key's value; every other
-    target is -100 (no loss). Returns (inputs, targets) [batch, seq_len]."""
+    target is -100 (no loss). Returns (inputs, targets) [batch, seq_len], made on the generator's
+    device with a few batched ops (a Python loop over rows would cost more than the tiny models'
+    training step)."""
     if seq_len < 4 * pairs:
         raise ValueError(f"MQAR with {pairs} pairs needs a sequence of at least {4 * pairs} tokens (got {seq_len})")
     half = vocab // 2
     if half - 1 < pairs:
         raise ValueError(f"vocab {vocab} holds fewer than {pairs} distinct keys")
-    x = torch.zeros(batch, seq_len + 1, dtype=torch.long)
-    y = torch.full((batch, seq_len + 1), -100, dtype=torch.long)
-    slots = (seq_len + 1 - 2 * pairs) // 2
-    for b in range(batch):
-        keys = torch.randperm(half - 1, generator=generator)[:pairs] + 1
-        values = torch.randperm(vocab - half, generator=generator)[:pairs] + half
-        x[b, 0:2 * pairs:2], x[b, 1:2 * pairs:2] = keys, values
-        order = torch.randperm(pairs, generator=generator)
-        where = 2 * pairs + 2 * torch.randperm(slots, generator=generator)[:pairs]
-        x[b, where] = keys[order]
-        y[b, where] = values[order]  # target of input position p is the token to follow it
+    device = generator.device
+
+    def distinct(n: int, k: int) -> torch.Tensor:  # each row: k distinct draws from range(n)
+        return torch.rand(batch, n, generator=generator, device=device).argsort(-1)[:, :k]
+
+    keys, values = distinct(half - 1, pairs) + 1, distinct(vocab - half, pairs) + half
+    x = torch.zeros(batch, seq_len + 1, dtype=torch.long, device=device)
+    y = torch.full((batch, seq_len + 1), -100, dtype=torch.long, device=device)
+    x[:, 0:2 * pairs:2], x[:, 1:2 * pairs:2] = keys, values
+    order = distinct(pairs, pairs)
+    where = 2 * pairs + 2 * distinct((seq_len + 1 - 2 * pairs) // 2, pairs)
+    x.scatter_(1, where, keys.gather(1, order))
+    y.scatter_(1, where, values.gather(1, order))  # target of input position p is the token to follow it
     return x[:, :-1], y[:, :-1]
 
 
+def mqar_logits(model, x, y):
+    """The LM head at the queries only (one expert: a plain 2-layer model of each kind): the other
+    positions have no target, and their [B, T, vocab] logits would cost more than the model."""
+    mask = y != -100
+    return model.lm_head(model.hidden(x, expert_type="text")[mask]).float(), y[mask]
+
+
 def mqar_loss(model, x, y):
-    logits = model(x, expert_type="text")  # one expert: a plain 2-layer model of each kind
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+    return F.cross_entropy(*mqar_logits(model, x, y))
 
 
 @torch.no_grad()
 def mqar_accuracy(model, x, y) -> float:
-    logits = model(x, expert_type="text")
-    mask = y != -100
-    return float((logits.argmax(-1)[mask] == y[mask]).float().mean())
+    logits, answers = mqar_logits(model, x, y)
+    return float((logits.argmax(-1) == answers).float().mean())
+
+
+def mqar_accuracies(model, args, generator, batch, device) -> dict[str, float]:
+    """Accuracy at each number of pairs on `batch` fresh examples each (the model left in train mode)."""
+    model.eval()
+    accuracy = {}
+    for pairs in args.pairs:
+        x, y = mqar_batch(batch, args.mqar_seq_len, pairs, args.mqar_vocab, generator)
+        with autocast(device):
+            accuracy[str(pairs)] = mqar_accuracy(model, x, y)
+    model.train()
+    return accuracy
 
 
 def train_mqar(kind, args, lr, device) -> dict:
     """One small model of `kind` trained on the mixture of pair counts with the trainer's step,
-    optimizer and schedule; accuracy per count on fresh examples."""
+    optimizer and schedule; accuracy per count on fresh examples. Every --mqar_eval_every steps a
+    probe (the curve; recall is learnt in a sudden jump, late); training stops early once the probe
+    reads >= 0.99 at every count."""
     from mm_rec.training.optim import build_optimizer, build_scheduler
     from mm_rec.training.step import train_step
     base = MMRecConfig(vocab_size=args.mqar_vocab, expert_dim=args.mqar_width, num_layers=args.mqar_layers,
@@ -329,24 +352,28 @@ def train_mqar(kind, args, lr, device) -> dict:
     model = build(config).to(device)
     optimizer = build_optimizer(model, lr, 0.1)
     scheduler = build_scheduler(optimizer, max(1, args.mqar_steps // 10), args.mqar_steps)
-    g = torch.Generator().manual_seed(args.seeds[0])
-    t0 = time.perf_counter()
-    for step in range(args.mqar_steps):
+    g = torch.Generator(device=device).manual_seed(args.seeds[0])
+    probe = torch.Generator(device=device).manual_seed(20_000 + args.seeds[0])
+    every = args.mqar_eval_every or max(1, args.mqar_steps // 8)
+    curve, t0, step = [], time.perf_counter(), 0
+    while step < args.mqar_steps:
         pairs = args.pairs[step % len(args.pairs)]
-        x, y = (t.to(device) for t in mqar_batch(args.mqar_batch, args.mqar_seq_len, pairs, args.mqar_vocab, g))
+        x, y = mqar_batch(args.mqar_batch, args.mqar_seq_len, pairs, args.mqar_vocab, g)
         train_step(model, optimizer, x[None], y[None], lambda a, b: mqar_loss(model, a, b), clip_norm=1.0,
                    autocast_dtype=autocast_dtype(device))
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    test = torch.Generator().manual_seed(10_000 + args.seeds[0])
-    accuracy = {}
-    for pairs in args.pairs:
-        x, y = (t.to(device) for t in mqar_batch(args.mqar_eval_batch, args.mqar_seq_len, pairs, args.mqar_vocab, test))
-        with autocast(device):
-            accuracy[str(pairs)] = mqar_accuracy(model, x, y)
-    return {"model": kind, "lr": lr, "params": sum(p.numel() for p in model.parameters()),
-            "seconds": time.perf_counter() - t0, "accuracy": accuracy}
+        step += 1
+        if step % every == 0 and step < args.mqar_steps:
+            curve.append({"step": step, "accuracy": mqar_accuracies(model, args, probe, 64, device)})
+            print(f"  mqar {kind} lr {lr:g} step {step}: " +
+                  " ".join(f"{p}:{a:.3f}" for p, a in curve[-1]["accuracy"].items()), flush=True)
+            if min(curve[-1]["accuracy"].values()) >= 0.99:
+                break
+    test = torch.Generator(device=device).manual_seed(10_000 + args.seeds[0])
+    accuracy = mqar_accuracies(model, args, test, args.mqar_eval_batch, device)
+    return {"model": kind, "lr": lr, "params": sum(p.numel() for p in model.parameters()), "steps": step,
+            "seconds": time.perf_counter() - t0, "curve": curve, "accuracy": accuracy}
 
 
 def run_mqar(args, device) -> dict:
@@ -585,6 +612,8 @@ def build_report(runs: list[dict]) -> dict:
         for kind, run in first.items():
             row = {"model": kind, "gpu_seconds": t, "how": "interpolated along the equal-tokens run"}
             row.update({key: interpolate(run["points"], t, key) for key in _metrics(run["points"][-1])})
+            if t < run["points"][0]["gpu_seconds"]:  # nothing measured yet at that time: say so, report no loss
+                row["how"] = f"not measured: its first evaluation came at {run['points'][0]['gpu_seconds']:.1f} s"
             report["equal_time"].append(row)
     for r in runs:
         if r["name"].endswith("_equal_time"):
@@ -692,8 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mqar_width", type=int, default=128)
     g.add_argument("--mqar_layers", type=int, default=2)
     g.add_argument("--mqar_mmrec_head_dim", type=int, default=32, help="MM-Rec's head size (the 100M model's)")
-    g.add_argument("--mqar_steps", type=int, default=4000)
-    g.add_argument("--mqar_batch", type=int, default=64)
+    g.add_argument("--mqar_steps", type=int, default=12000, help="at most (a run that reads 0.99 everywhere stops)")
+    g.add_argument("--mqar_eval_every", type=int, default=None, help="probe interval (default: steps / 8)")
+    g.add_argument("--mqar_batch", type=int, default=128)
     g.add_argument("--mqar_eval_batch", type=int, default=256)
     g.add_argument("--mqar_lrs", type=float_list, default=[1e-3, 3e-3])
     return p

@@ -187,6 +187,12 @@ class MMRec100M(nn.Module):
         logits, states = self._run(input_ids, expert_type, memory_states, chunk_size, "logits")
         return (logits, states) if return_memory else logits
 
+    def hidden(self, input_ids: torch.Tensor, expert_type: str | None = None, memory_states: dict | None = None,
+               chunk_size: int | None = None) -> torch.Tensor:
+        """The LM head's input [B, T, 2 * expert_dim] (forward's logits are lm_head of it): for
+        features, probes, or a loss over a few positions only."""
+        return self._run(input_ids, expert_type, memory_states, chunk_size, "hidden")[0]
+
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, expert_type: str | None = None,
              memory_states: dict | None = None, chunk_size: int | None = None, return_memory: bool = False,
              head_chunk: int = 4096):

@@ -381,3 +381,14 @@ def test_compiled_blocks_match_eager_with_one_graph_for_every_layer(expert_type,
         # tokens); a graph per layer would make at least 3 + 1
         assert graphs <= 3, graphs
     torch._dynamo.reset()
+
+
+def test_hidden_is_the_lm_heads_input():
+    torch.manual_seed(0)
+    model = MMRec100M(config=MMRecConfig(vocab_size=64, expert_dim=16, num_layers=2, num_heads=2, ffn_dim=32)).eval()
+    x = torch.randint(0, 64, (2, 24))
+    for expert in ("text", "fused"):
+        h = model.hidden(x, expert_type=expert)
+        assert h.shape == (2, 24, 32)
+        torch.testing.assert_close(model.lm_head(h), model(x, expert_type=expert), rtol=0, atol=0)
+    torch.testing.assert_close(model.hidden(x, chunk_size=8), model.hidden(x), rtol=1e-5, atol=1e-5)

@@ -78,6 +78,27 @@ def test_the_transformer_has_mmrec_s_parameter_count_at_the_100m_preset():
     assert abs(transformer - mmrec) / mmrec < 0.01, (mmrec, transformer)
 
 
+def _run(model, seed, times_and_losses):
+    point = lambda t, loss: {"stage": "stage1", "step": int(t), "tokens": int(t) * 100, "gpu_seconds": t,
+                             "validation": {"text": {"loss": loss, "bpb": loss / 2}},
+                             "heldout": {"text": {"loss": loss + 1, "bpb": (loss + 1) / 2}}}
+    return {"name": f"{model}_seed{seed}", "model": model, "seed": seed, "params": 1,
+            "gpu_seconds": times_and_losses[-1][0], "points": [point(t, v) for t, v in times_and_losses]}
+
+
+def test_equal_time_interpolates_between_points_and_says_when_nothing_was_measured_yet():
+    fast = _run("mmrec", 1, [(2.0, 5.0), (4.0, 4.0)])
+    slow = _run("transformer", 1, [(1.0, 6.0), (3.0, 5.0), (8.0, 3.0)])
+    rows = {r["model"]: r for r in bq.build_report([fast, slow])["equal_time"]}
+    assert rows["mmrec"]["validation_text"] == 4.0 and rows["mmrec"]["gpu_seconds"] == 4.0
+    assert rows["transformer"]["validation_text"] == pytest.approx(5.0 - 2.0 * (1.0 / 5.0))
+    assert rows["transformer"]["heldout_text"] == pytest.approx(6.0 - 2.0 * (1.0 / 5.0))
+    late = _run("transformer", 1, [(5.0, 6.0), (8.0, 3.0)])  # its first evaluation after the other's whole run
+    rows = {r["model"]: r for r in bq.build_report([fast, late])["equal_time"]}
+    assert rows["transformer"]["validation_text"] is None and rows["transformer"]["how"].startswith("not measured")
+    assert rows["mmrec"]["validation_text"] == 4.0
+
+
 def test_help_runs_without_a_gpu():
     r = subprocess.run([sys.executable, "benchmarks/bench_quality.py", "--help"], cwd=ROOT, capture_output=True,
                        text=True)
@@ -102,7 +123,10 @@ def test_smoke_run_writes_every_part_for_both_models(tmp_path):
         assert all(math.isfinite(v["mean"]) and v["spread"] >= 0 for v in lm["seeds"][kind].values())
     hows = [row["how"] for row in lm["equal_time"]]
     assert len(hows) == 3 and any("scaled" in h for h in hows)
-    assert all(math.isfinite(row["heldout_code"]) for row in lm["equal_time"])
+    for row in lm["equal_time"]:  # a loss wherever one was measured by then, and the reason where none was
+        measured = not row["how"].startswith("not measured")
+        assert (row["heldout_code"] is not None and math.isfinite(row["heldout_code"])) == measured, row
+    assert any("scaled" in row["how"] and math.isfinite(row["heldout_code"]) for row in lm["equal_time"])
     position = results["position"]
     modes = {(row["model"], row["mode"]) for row in position["rows"]}
     assert modes == {("mmrec", "whole"), ("mmrec", "carried"), ("transformer", "fresh")}
