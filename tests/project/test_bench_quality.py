@@ -33,6 +33,14 @@ def test_mqar_answers_are_the_values_paired_earlier():
         bq.mqar_batch(1, 4 * pairs - 1, pairs, vocab, g)
 
 
+def test_mqar_mixture_holds_each_tested_task_and_easier_ones_that_fit():
+    assert bq.mqar_tasks(64, [4, 16]) == [(64, 4), (32, 2), (16, 1), (64, 16), (32, 8), (16, 4)]
+    assert bq.mqar_tasks(60, [16]) == []  # 16 pairs need 64 tokens, 8 need 32, 4 need 16: none fits
+    assert bq.mqar_tasks(1024, [256]) == [(1024, 256), (512, 128), (256, 64)]
+    for seq_len, pairs in bq.mqar_tasks(100, [3, 25]):
+        bq.mqar_batch(1, seq_len, pairs, 128, torch.Generator())  # each one makes a valid batch
+
+
 def test_position_bucket_means_equal_a_direct_computation():
     torch.manual_seed(0)
     rows = [torch.rand(n) for n in (100, 37, 64, 5)]
