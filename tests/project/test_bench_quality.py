@@ -147,7 +147,40 @@ def test_smoke_run_writes_every_part_for_both_models(tmp_path):
                        and row["mode"] == m][0] for m in ("whole", "carried"))
     for a, b in zip(whole["buckets"], carried["buckets"]):  # the state carried across windows loses nothing
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-    assert set(results["mqar"]["best"]) == set(bq.KINDS)
+    assert set(results["mqar"]["best"]) == set(bq.MQAR_KINDS)
     assert all(0 <= a <= 1 for accs in results["mqar"]["best"].values() for a in accs.values())
     assert {row["model"] for row in results["passkey"]["rows"]} == set(bq.KINDS)
     assert all(row["prompt_tokens"] <= 1.1 * row["length"] for row in results["passkey"]["rows"])
+
+
+def test_short_conv_variant_matches_an_explicit_causal_convolution():
+    from benchmarks.baselines import mmrec_shortconv as sc
+    torch.manual_seed(0)
+    B, T, d, K = 2, 7, 6, sc.KERNEL
+    x, w = torch.randn(B * T, d, dtype=torch.float64), torch.randn(d, 1, K, dtype=torch.float64)
+    seq = x.reshape(B, T, d)
+    want = torch.zeros(B, T, d, dtype=torch.float64)
+    for t in range(T):
+        for j in range(K):  # tap j reads token t - (K - 1) + j; before the sequence, zeros
+            if t - (K - 1) + j >= 0:
+                want[:, t] += w[:, 0, j] * seq[:, t - (K - 1) + j]
+    got = sc.causal_depthwise_conv(x, w, B, T)
+    torch.testing.assert_close(got, torch.nn.functional.silu(want).reshape(B * T, d))
+
+
+def test_short_conv_variant_is_causal_and_trains_its_convolutions():
+    from benchmarks.baselines import mmrec_shortconv as sc
+    torch.manual_seed(0)
+    model = sc.build(MMRecConfig(vocab_size=64, expert_dim=32, num_layers=2, num_heads=2, ffn_dim=64))
+    x = torch.randint(1, 64, (2, 12))
+    y = x.clone()
+    y[:, 8:] = torch.randint(1, 64, (2, 4))  # the future differs
+    hx, hy = model.hidden(x, expert_type="text"), model.hidden(y, expert_type="text")
+    torch.testing.assert_close(hx[:, :8], hy[:, :8])
+    assert not torch.allclose(hx[:, 8:], hy[:, 8:])
+    hx.square().mean().backward()
+    convs = [p for b in model.experts["text"].blocks for p in b.short_conv]
+    assert len(convs) == 6 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in convs)
+    plain = MMRec100M(config=model.config)  # the same weights without the convolutions: another output
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "short_conv" not in k})
+    assert not torch.allclose(plain.hidden(x, expert_type="text"), hx)
