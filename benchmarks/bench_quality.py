@@ -26,7 +26,8 @@ Four parts, each chosen with --parts (default: lm,report,position,mqar,passkey):
             context, only up to its trained length (the buckets beyond say so).
   mqar      multi-query associative recall (Zoology; Arora et al. 2023, "Based"): small models of
             each kind trained on a mixture of --pairs key-value counts (with easier, shorter
-            tasks mixed in: mqar_tasks), accuracy per count at --mqar_seq_len.
+            tasks mixed in: mqar_tasks), accuracy per count at --mqar_seq_len. --mqar_models
+            adds both kinds with a short convolution on q, k, v (docs/ARCHITECTURE_NOTES.md).
   passkey   a pass key hidden at --depths of filler text of --lengths tokens; greedy continuation
             of "The pass key is"; accuracy over --trials keys per (length, depth).
 
@@ -81,7 +82,7 @@ from mm_rec.model import MMRec100M, MMRecConfig  # noqa: E402
 
 KINDS = ("mmrec", "transformer")
 # MQAR also trains the block change measured in ARCHITECTURE.md's notes (not a model of the other parts)
-MQAR_KINDS = KINDS + ("mmrec-shortconv",)
+MQAR_KINDS = KINDS + ("mmrec-shortconv", "transformer-shortconv")
 PARTS = ("lm", "report", "position", "mqar", "passkey")
 STAGES = ("stage1", "stage2", "stage3")
 LN2 = math.log(2)
@@ -100,13 +101,13 @@ def transformer_config(config: MMRecConfig, head_dim: int) -> MMRecConfig:
     return dataclasses.replace(config, num_heads=config.expert_dim // head_dim)
 
 
-def transformer_builder(mmrec_config: MMRecConfig):
+def transformer_builder(mmrec_config: MMRecConfig, short_conv: bool = False):
     """build_model(config) -> the Transformer with the FFN that matches MM-Rec's parameter count
     (config: MM-Rec's with the Transformer's heads, as the trainer passes it)."""
     target = count_params(lambda c: MMRec100M(config=c), mmrec_config)
 
     def build(config: MMRecConfig) -> TransformerBaseline:
-        return TransformerBaseline(config, matched_ffn_dim(config, target))
+        return TransformerBaseline(config, matched_ffn_dim(config, target), short_conv=short_conv)
     return build
 
 
@@ -117,6 +118,8 @@ def model_for(kind: str, mmrec_config: MMRecConfig, head_dim: int):
     if kind == "mmrec-shortconv":
         from benchmarks.baselines import mmrec_shortconv
         return mmrec_config, mmrec_shortconv.build
+    if kind == "transformer-shortconv":
+        return transformer_config(mmrec_config, head_dim), transformer_builder(mmrec_config, short_conv=True)
     return transformer_config(mmrec_config, head_dim), transformer_builder(mmrec_config)
 
 
@@ -411,9 +414,9 @@ def run_mqar(args, device) -> dict:
 
 def print_mqar(result: dict) -> None:
     print(f"\nMQAR accuracy (sequence {result['seq_len']}; best over learning rates)")
-    print(f"{'model':<12} " + " ".join(f"{p:>7}" for p in result["pairs"]))
+    print(f"{'model':<22} " + " ".join(f"{p:>7}" for p in result["pairs"]))
     for kind, acc in result["best"].items():
-        print(f"{kind:<12} " + " ".join(f"{acc[str(p)]:>7.3f}" for p in result["pairs"]))
+        print(f"{kind:<22} " + " ".join(f"{acc[str(p)]:>7.3f}" for p in result["pairs"]))
 
 
 # -- passkey ------------------------------------------------------------------------------------------

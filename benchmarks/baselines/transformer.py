@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmarks.baselines.mmrec_shortconv import KERNEL, causal_depthwise_conv
 from mm_rec.model.config import MMRecConfig
 from mm_rec.model.fusion import FusionLayer
 from mm_rec.model.loss import chunked_cross_entropy
@@ -40,7 +41,7 @@ def apply_rope(x, cos, sin):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, config: MMRecConfig, ffn_dim: int, mixer: bool = True):
+    def __init__(self, config: MMRecConfig, ffn_dim: int, mixer: bool = True, short_conv: bool = False):
         super().__init__()
         d = config.expert_dim
         self.num_heads, self.head_dim = config.num_heads, d // config.num_heads
@@ -49,6 +50,8 @@ class AttentionBlock(nn.Module):
             self.norm = RMSNorm(d, config.norm_eps)
             self.qkv = nn.Linear(d, 3 * d, bias=False)
             self.out_proj = nn.Linear(d, d, bias=False)
+        # bench_quality's MQAR only: q, k, v through mmrec_shortconv's width-4 causal convolution
+        self.short_conv = nn.Conv1d(3 * d, 3 * d, KERNEL, groups=3 * d, bias=False) if mixer and short_conv else None
         self.ffn_norm = RMSNorm(d, config.norm_eps)
         self.ffn_in = nn.Linear(d, ffn_dim)
         self.ffn_out = nn.Linear(ffn_dim, d)
@@ -64,16 +67,20 @@ class AttentionBlock(nn.Module):
     def forward(self, x, cos, sin):
         B, T, d = x.shape
         if self.mixer:
-            q, k, v = self.qkv(self.norm(x)).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            qkv = self.qkv(self.norm(x))
+            if self.short_conv is not None:
+                qkv = causal_depthwise_conv(qkv.reshape(B * T, 3 * d), self.short_conv.weight, B, T)
+            q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
             x = x + self.out_proj(a.transpose(1, 2).reshape(B, T, d))
         return x + self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x))))
 
 
 class TransformerExpert(nn.Module):
-    def __init__(self, config: MMRecConfig, ffn_dim: int, mixer: bool = True):
+    def __init__(self, config: MMRecConfig, ffn_dim: int, mixer: bool = True, short_conv: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(AttentionBlock(config, ffn_dim, mixer) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(AttentionBlock(config, ffn_dim, mixer, short_conv)
+                                    for _ in range(config.num_layers))
         self.norm = RMSNorm(config.expert_dim, config.norm_eps)
 
     def forward(self, x, cos, sin):
@@ -83,13 +90,14 @@ class TransformerExpert(nn.Module):
 
 
 class TransformerBaseline(nn.Module):
-    def __init__(self, config: MMRecConfig, ffn_dim: int | None = None, mixer: bool = True):
+    def __init__(self, config: MMRecConfig, ffn_dim: int | None = None, mixer: bool = True,
+                 short_conv: bool = False):
         super().__init__()
         self.config = config
         ffn_dim = ffn_dim or config.ffn_dim
         d = config.expert_dim
         self.embedding = nn.Embedding(config.vocab_size, d)
-        self.experts = nn.ModuleDict({n: TransformerExpert(config, ffn_dim, mixer) for n in config.expert_names})
+        self.experts = nn.ModuleDict({n: TransformerExpert(config, ffn_dim, mixer, short_conv) for n in config.expert_names})
         self.fusion = FusionLayer(config.model_dim, config.fusion_method)
         self.norm = RMSNorm(config.model_dim, config.norm_eps)
         self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
