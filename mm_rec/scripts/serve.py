@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from ..inference.loading import load_model
+from ..inference.loading import load_model, require_source
 from ..utils.cli import ArgumentParser
 from ..utils.device import resolve_device
 from ..utils.errors import UserError, run_cli
@@ -86,6 +86,7 @@ def build_app(args):
     from ..serving import Engine, ServerSettings, SessionStore, create_app
     from ..serving.engine import log as serving_log
     device = resolve_device(args.device)
+    require_source(args.checkpoint)  # a mistyped path creates no session folder
     check_writable_dir(args.session_dir, "session directory")
     loaded = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype], tokenizer_path=args.tokenizer)
     tokenizer = loaded.require_tokenizer()

@@ -579,9 +579,11 @@ def test_a_kill_9_and_restart_keeps_finished_sessions(checkpoint, tmp_path, refe
     assert info["token_count"] == len(history) + len(turn2)
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --session_dir ./sessions
     assert run_cli(serve_cli.main, ["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert capsys.readouterr().err.startswith("error: checkpoint not found")
+    assert not (tmp_path / "sessions").exists()  # a mistyped checkpoint leaves nothing behind
     assert run_cli(serve_cli.main, ["--checkpoint", "x", "--max_tokens", "0"]) == 2
     assert "--max_tokens" in capsys.readouterr().err
     with socket.socket() as taken:
