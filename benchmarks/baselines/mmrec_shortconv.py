@@ -20,10 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mm_rec.model.batched import expert_linears
-from mm_rec.model.block import _block_inputs, _block_outputs
+from mm_rec.model.block import _block_inputs, _block_outputs, _recurrences
 from mm_rec.model.config import MMRecConfig
 from mm_rec.model.mmrec import MMRec100M
-from mm_rec.ops import long_term_memory, short_term_memory
 
 KERNEL = 4
 
@@ -58,12 +57,7 @@ def build(config: MMRecConfig) -> MMRec100M:
         per_expert = [convs[w] for w in linears["in_proj"][0]]
         q, k, v = (torch.stack([causal_depthwise_conv(t[e], per_expert[e][i], B, T) for e in range(E)])
                    for i, t in enumerate((q, k, v)))
-        seqs = lambda t: t.reshape(E * B, T, d)
-        heads = lambda t: t.reshape(E * B, T, H, Dh)
-        h, h_T = short_term_memory(seqs(x_in), seqs(log_gamma), None, chunk_size=s.scan_chunk_size,
-                                   allow_kernels=s.use_kernels)
-        o, M_T = long_term_memory(heads(q), heads(k), heads(v), heads(log_alpha), None, scale=Dh ** -0.5,
-                                  allow_kernels=s.use_kernels)
+        h, h_T, o, M_T = _recurrences(x_in, log_gamma, q, k, v, log_alpha, None, None, (E, B, T, d), s)
         y = _block_outputs(W, norms, x, u, h.reshape(E, B * T, d), o.reshape(E, B * T, H, Dh), s)
         return y.reshape(E, B, T, d), h_T, M_T
 

@@ -54,15 +54,23 @@ def block_forward(linears: dict, norms: dict, x: torch.Tensor, h0, M0, s: BlockS
     W = expert_linears(linears)
     x = x.reshape(E, B * T, d)
     u, q, k, v, log_gamma, x_in, log_alpha = _block_inputs(W, norms, x, s)
-    # 4-5. Both recurrences, over E * B sequences in one call each.
+    h, h_T, o, M_T = _recurrences(x_in, log_gamma, q, k, v, log_alpha, h0, M0, (E, B, T, d), s)
+    y = _block_outputs(W, norms, x, u, h.reshape(E, B * T, d), o.reshape(E, B * T, H, Dh), s)
+    return y.reshape(E, B, T, d), h_T, M_T
+
+
+def _recurrences(x_in, log_gamma, q, k, v, log_alpha, h0, M0, shape, s: BlockSettings):
+    """4-5. Both recurrences, over E * B sequences of T tokens in one call each (inputs [E, B*T, d]).
+    Returns (h [E*B, T, d], h_T, o [E*B, T, H, d_h], M_T)."""
+    E, B, T, d = shape
+    H, Dh = s.num_heads, d // s.num_heads
     seqs = lambda t: t.reshape(E * B, T, d)
     heads = lambda t: t.reshape(E * B, T, H, Dh)
     h, h_T = short_term_memory(seqs(x_in), seqs(log_gamma), h0, chunk_size=s.scan_chunk_size,
                                allow_kernels=s.use_kernels)
     o, M_T = long_term_memory(heads(q), heads(k), heads(v), heads(log_alpha), M0, scale=Dh ** -0.5,
                               allow_kernels=s.use_kernels)
-    y = _block_outputs(W, norms, x, u, h.reshape(E, B * T, d), o.reshape(E, B * T, H, Dh), s)
-    return y.reshape(E, B, T, d), h_T, M_T
+    return h, h_T, o, M_T
 
 
 # -- the block, one token -------------------------------------------------------------------------
